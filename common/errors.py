@@ -1,0 +1,34 @@
+"""User-facing errors: one line that says what to do, never a deep traceback."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UserError(Exception):
+    """An error the user can fix; its message is one line that says what to do."""
+
+
+def cli_guard(fn: F) -> F:
+    """Run an entry point; a `UserError` becomes `error: <message>` on stderr and exit code 2.
+
+    Set `OSVAI_TRACEBACK=1` to see the full traceback instead.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            if os.environ.get("OSVAI_TRACEBACK") == "1":
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]

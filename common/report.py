@@ -1,0 +1,193 @@
+"""Paper targets beside measured results, as Markdown tables.
+
+Reads `<paper>/paper.yaml` (the paper's table rows) and every `result.json` under the outputs
+directory. Prints, per paper: row | metric | paper | ours | delta | status, where status is
+`reproduced` (ours within the row's tolerance of the paper's value, or better), `below`,
+`not run`, or `unknown` (the paper's value is not known). A number is shown only if it was read
+from a file; smoke runs (synthetic data) are listed apart and never compared with the paper.
+
+    python -m common.report [paper ...] [--outputs outputs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.errors import UserError, cli_guard
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PAPERS = ("scalekd", "kernelwarehouse", "ssdkd", "noah", "afdcd", "ske2grid", "norm", "pste_bnn", "gridconv")
+
+
+@dataclass
+class Row:
+    id: str
+    metrics: dict[str, float | None]
+    table: str = ""
+    description: str = ""
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    tolerance: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def better_high(self, metric: str) -> bool:
+        return self.higher_is_better.get(metric, True)
+
+
+@dataclass
+class PaperTable:
+    paper: str
+    title: str
+    rows: list[Row]
+
+    def row(self, row_id: str) -> Row | None:
+        return next((r for r in self.rows if r.id == row_id), None)
+
+
+def load_paper_yaml(paper: str, root: str | os.PathLike = REPO_ROOT) -> PaperTable:
+    """Parse `<root>/<paper>/paper.yaml`; a malformed file is a one-line error naming the field."""
+    path = Path(root) / paper / "paper.yaml"
+    if not path.is_file():
+        raise UserError(f"{paper} has no paper.yaml at {path}; this paper is not built yet")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    rows_in = data.get("rows")
+    if not isinstance(rows_in, list):
+        raise UserError(f"{path}: 'rows' must be a list of table rows")
+    defaults_hib = data.get("higher_is_better", {}) or {}
+    defaults_tol = data.get("tolerance", {}) or {}
+    rows = []
+    known = {"id", "metrics", "table", "description", "higher_is_better", "tolerance"}
+    for i, r in enumerate(rows_in):
+        if not isinstance(r, Mapping) or "id" not in r or not isinstance(r.get("metrics"), Mapping):
+            raise UserError(f"{path}: row {i} needs an 'id' and a 'metrics' mapping")
+        for k, v in r["metrics"].items():
+            if v is not None and not isinstance(v, (int, float)):
+                raise UserError(f"{path}: row {r['id']} metric {k} must be a number or null, got {v!r}")
+        rows.append(Row(
+            id=str(r["id"]),
+            metrics={k: (None if v is None else float(v)) for k, v in r["metrics"].items()},
+            table=str(r.get("table", "")),
+            description=str(r.get("description", "")),
+            higher_is_better={**defaults_hib, **(r.get("higher_is_better") or {})},
+            tolerance={**defaults_tol, **(r.get("tolerance") or {})},
+            extra={k: v for k, v in r.items() if k not in known},
+        ))
+    return PaperTable(paper=paper, title=str(data.get("paper", paper)), rows=rows)
+
+
+def load_results(outputs: str | os.PathLike, paper: str | None = None) -> list[dict[str, Any]]:
+    """Every readable `result.json` under `outputs` (optionally only `paper`'s)."""
+    base = Path(outputs)
+    if paper is not None:
+        base = base / paper
+    results = []
+    for path in sorted(base.rglob("result.json")) if base.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+            data["_path"] = str(path)
+            results.append(data)
+    return results
+
+
+def write_result(run_dir: str | os.PathLike, paper: str, experiment: str, row: str | None,
+                 profile: str, metrics: Mapping[str, float], seed: int | None = None,
+                 **extra: Any) -> Path:
+    """Write `result.json` (the run's final metrics) atomically."""
+    path = Path(run_dir) / "result.json"
+    record = {"paper": paper, "experiment": experiment, "row": row, "profile": profile,
+              "metrics": {k: float(v) for k, v in metrics.items()}, "seed": seed, **extra}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _aggregate(values: list[float]) -> tuple[float, str]:
+    mean = statistics.fmean(values)
+    if len(values) > 1:
+        return mean, f"{mean:.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+    return mean, f"{mean:.2f}"
+
+
+def status(paper_value: float | None, ours: float | None, higher_is_better: bool = True,
+           tolerance: float = 0.0) -> str:
+    if ours is None:
+        return "not run"
+    if paper_value is None:
+        return "unknown"
+    gap = (ours - paper_value) if higher_is_better else (paper_value - ours)
+    return "reproduced" if gap >= -tolerance - 1e-9 else "below"
+
+
+def paper_report(paper: str, outputs: str | os.PathLike = "outputs",
+                 root: str | os.PathLike = REPO_ROOT) -> str:
+    """The Markdown report of one paper: the full-profile table, then the smoke runs apart."""
+    table = load_paper_yaml(paper, root)
+    results = load_results(outputs, paper)
+    full: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    smoke: list[dict[str, Any]] = []
+    for r in results:
+        (smoke if r.get("profile") == "smoke" else full[str(r.get("row") or r.get("experiment"))]).append(r)
+
+    lines = [f"## {table.title}", "", "| row | metric | paper | ours | Δ | status |", "|---|---|---|---|---|---|"]
+    for row in table.rows:
+        for metric, paper_value in row.metrics.items():
+            values = [float(r["metrics"][metric]) for r in full.get(row.id, []) if metric in r["metrics"]]
+            if values:
+                mean, shown = _aggregate(values)
+                delta = _fmt(mean - paper_value) if paper_value is not None else "—"
+                st = status(paper_value, mean, row.better_high(metric), row.tolerance.get(metric, 0.0))
+            else:
+                shown, delta, st = "—", "—", status(paper_value, None)
+            lines.append(f"| {row.id} | {metric} | {_fmt(paper_value)} | {shown} | {delta} | {st} |")
+    if smoke:
+        lines += ["", "Smoke runs (synthetic data, reduced sizes: not comparable with the paper's numbers):", "",
+                  "| experiment | metrics | run |", "|---|---|---|"]
+        for r in smoke:
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items())
+            lines.append(f"| {r.get('experiment')} | {shown} | {Path(r['_path']).parent.name} |")
+    return "\n".join(lines)
+
+
+def report(papers: Iterable[str] | None = None, outputs: str | os.PathLike = "outputs",
+           root: str | os.PathLike = REPO_ROOT) -> str:
+    chosen = list(papers) if papers else [p for p in PAPERS if (Path(root) / p / "paper.yaml").is_file()]
+    parts = []
+    for p in chosen:
+        if p not in PAPERS:
+            raise UserError(f"unknown paper {p!r}; choose from {', '.join(PAPERS)}")
+        parts.append(paper_report(p, outputs, root))
+    return "\n\n".join(parts) if parts else "no paper has a paper.yaml yet"
+
+
+@cli_guard
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("papers", nargs="*", help="papers to report (default: every built paper)")
+    parser.add_argument("--outputs", default="outputs", help="directory holding the runs (default: outputs)")
+    args = parser.parse_args(argv)
+    print(report(args.papers, args.outputs))
+
+
+if __name__ == "__main__":
+    main()
