@@ -1,12 +1,12 @@
-"""Human3.6M and MPI-INF-3DHP evaluation protocols as the GridConv paper reports them.
+"""Human3.6M and MPI-INF-3DHP evaluation protocols as the GridConv paper reports them, on top of
+``common.metrics``.
 
 * Protocol #1 (MPJPE) and #2 (P-MPJPE: after the per-frame similarity alignment), in millimetres over
   all 17 joints (the predicted pelvis included), averaged per action and then over actions
-  (unweighted), plus per-axis mean absolute errors - as the official ``evaluate_actionwise``.
-* MPI-INF-3DHP: 3D-PCK at 150 mm and AUC over thresholds 0, 5, ..., 150 mm (PoseAug's protocol).
-
-Per-frame errors come from ``common.metrics`` when it provides them; the small local versions here
-implement the same definitions.
+  (unweighted), plus per-axis mean absolute errors averaged the same way - as the official
+  ``evaluate_actionwise`` in ``src/lifting.py``.
+* MPI-INF-3DHP: 3D-PCK at 150 mm and AUC over 0, 5, ..., 150 mm (PoseAug's protocol), per scene and
+  over all frames.
 """
 
 from __future__ import annotations
@@ -15,61 +15,41 @@ from collections.abc import Sequence
 
 import torch
 
-
-def procrustes_align(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Align ``pred`` (N, J, 3) to ``gt`` with the optimal similarity transform per frame (rotation
-    without reflection, isotropic scale, translation), as the official ``get_procrustes_transformation``."""
-    mu_gt, mu_pred = gt.mean(1, keepdim=True), pred.mean(1, keepdim=True)
-    x0, y0 = gt - mu_gt, pred - mu_pred
-    norm_x = x0.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
-    norm_y = y0.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
-    u, s, vh = torch.linalg.svd((x0 / norm_x).mT @ (y0 / norm_y))
-    v = vh.mT
-    sign = torch.sign(torch.linalg.det(v @ u.mT))
-    v = torch.cat([v[..., :-1], v[..., -1:] * sign[:, None, None]], -1)
-    s = torch.cat([s[..., :-1], s[..., -1:] * sign[:, None]], -1)
-    rot = v @ u.mT
-    scale = s.sum(-1)[:, None, None] * norm_x / norm_y
-    return scale * (y0 @ rot) + mu_gt
-
-
-def per_frame_mpjpe(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Mean joint position error of each frame (N,), in the units of the inputs."""
-    return (pred - gt).norm(dim=-1).mean(-1)
+from common.metrics import action_wise_mean, auc_3d, mpjpe, pck_3d, per_axis_error, procrustes_align
 
 
 def evaluate_actionwise(pred_mm: torch.Tensor, gt_mm: torch.Tensor, actions: Sequence[str],
                         procrustes: bool = False) -> dict:
-    """Action-wise MPJPE (or P-MPJPE): mean per action, then the unweighted mean over actions.
+    """Action-wise MPJPE (or P-MPJPE with ``procrustes``): mean per action, then the unweighted mean.
 
-    Returns ``mean_mm``, ``per_action_mm`` (sorted by action) and ``per_axis_mm`` (x, y, z mean absolute
-    errors, averaged the same way).
+    Returns ``mean_mm``, ``per_action_mm`` (sorted by action) and ``per_axis_mm`` (x, y, z).
     """
-    pred_mm, gt_mm = pred_mm.double(), gt_mm.double()
     if procrustes:
         pred_mm = procrustes_align(pred_mm, gt_mm)
-    frame_err = per_frame_mpjpe(pred_mm, gt_mm)
-    axis_err = (pred_mm - gt_mm).abs().mean(1)  # (N, 3)
-    names = sorted(set(actions))
-    index = torch.tensor([names.index(a) for a in actions])
-    counts = torch.bincount(index, minlength=len(names)).double()
-    per_action = torch.zeros(len(names), dtype=torch.float64).index_add_(0, index, frame_err) / counts
-    per_axis = torch.zeros(len(names), 3, dtype=torch.float64).index_add_(0, index, axis_err)
-    per_axis = per_axis / counts[:, None]
-    return {"mean_mm": per_action.mean().item(),
-            "per_action_mm": dict(zip(names, per_action.tolist())),
-            "per_axis_mm": per_axis.mean(0).tolist()}
+    mean, per_action = action_wise_mean(mpjpe(pred_mm, gt_mm, reduction="none"), actions)
+    axis = per_axis_error(pred_mm, gt_mm, reduction="none")
+    per_axis = [action_wise_mean(axis[:, i], actions)[0] for i in range(3)]
+    return {"mean_mm": mean, "per_action_mm": per_action, "per_axis_mm": per_axis}
 
 
-PCK_THRESHOLD_MM = 150.0
-AUC_THRESHOLDS_MM = tuple(float(t) for t in range(0, 151, 5))
+def protocol_metrics(pred_m: torch.Tensor, gt_m: torch.Tensor, actions: Sequence[str]) -> dict[str, float]:
+    """The numbers a Human3.6M run reports (predictions and targets in metres, root-relative)."""
+    pred_mm, gt_mm = pred_m.double() * 1000, gt_m.double() * 1000
+    p1 = evaluate_actionwise(pred_mm, gt_mm, actions)
+    p2 = evaluate_actionwise(pred_mm, gt_mm, actions, procrustes=True)
+    out = {"mpjpe": p1["mean_mm"], "pmpjpe": p2["mean_mm"]}
+    out |= {f"err_{axis}": v for axis, v in zip("xyz", p1["per_axis_mm"])}
+    out |= {f"mpjpe/{a}": v for a, v in p1["per_action_mm"].items()}
+    return out
 
 
-def pck_auc(pred_mm: torch.Tensor, gt_mm: torch.Tensor, joints: Sequence[int] | None = None) -> dict:
-    """3D-PCK (% of joints closer than 150 mm) and AUC (mean PCK over 0, 5, ..., 150 mm), in percent."""
-    dist = (pred_mm.double() - gt_mm.double()).norm(dim=-1)
-    if joints is not None:
-        dist = dist[:, list(joints)]
-    pck = (dist < PCK_THRESHOLD_MM).double().mean().item() * 100
-    auc = torch.stack([(dist < t).double().mean() for t in AUC_THRESHOLDS_MM]).mean().item() * 100
-    return {"pck": pck, "auc": auc, "mpjpe": dist.mean().item()}
+def pck_auc(pred_mm: torch.Tensor, gt_mm: torch.Tensor,
+            scenes: Sequence[str] | None = None) -> dict[str, float]:
+    """3D-PCK (%) at 150 mm, AUC (%) and MPJPE over all frames, and per scene when ``scenes`` is given."""
+    out = {"pck": pck_3d(pred_mm, gt_mm).item(), "auc": auc_3d(pred_mm, gt_mm).item(),
+           "mpjpe": mpjpe(pred_mm, gt_mm).item()}
+    for scene in sorted(set(scenes or ())):
+        mask = torch.tensor([s == scene for s in scenes])
+        out[f"pck/{scene}"] = pck_3d(pred_mm[mask], gt_mm[mask]).item()
+        out[f"auc/{scene}"] = auc_3d(pred_mm[mask], gt_mm[mask]).item()
+    return out

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.metrics import procrustes_align
 from gridconv.gridconv import (
     HANDCRAFTED_LAYOUT,
     SGT_PRIORS,
@@ -20,7 +21,7 @@ from gridconv.gridconv import (
     annealed_temperature,
     handcrafted_sgt_matrices,
 )
-from gridconv.metrics import evaluate_actionwise, pck_auc, procrustes_align
+from gridconv.metrics import evaluate_actionwise, pck_auc
 
 
 def random_pose(n: int = 8, c: int = 3, seed: int = 0) -> torch.Tensor:
@@ -209,7 +210,7 @@ def test_pck_auc() -> None:
     gt = torch.zeros(2, 17, 3)
     pred = gt.clone()
     pred[:, :, 0] = torch.linspace(0, 300, 17)
-    out = pck_auc(pred, gt)
-    assert out["pck"] == pytest.approx(100 * 8 / 17)
+    out = pck_auc(pred, gt, ["GS", "Outdoor"])
+    assert out["pck"] == pytest.approx(100 * 8 / 17) == out["pck/GS"] == out["pck/Outdoor"]
     assert 0 < out["auc"] < out["pck"]
     assert pck_auc(gt, gt)["auc"] == pytest.approx(100 * 30 / 31)  # threshold 0 counts no joint
