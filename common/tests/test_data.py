@@ -26,8 +26,8 @@ from common.data import (
 )
 from common.data.mnist import IMAGES_MAGIC, LABELS_MAGIC
 from common.errors import UserError
+from common.testing import require_or_skip, shared_data_dir
 
-MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 LAYOUT = "root/{train,val}/<class>/<image>"
 
 
@@ -300,16 +300,8 @@ def test_mnist_pair_and_missing_files(tmp_path):
         build_dataset("mnist", tmp_path, "train")
 
 
-@pytest.fixture
-def mnist_dir() -> Path:
-    if not MNIST_DIR.is_dir():
-        if os.environ.get("OSVAI_REQUIRE_FIXTURES") == "1":
-            pytest.fail(f"real MNIST files required (OSVAI_REQUIRE_FIXTURES=1) but {MNIST_DIR} is absent")
-        pytest.skip(f"real MNIST test set not present at {MNIST_DIR}")
-    return MNIST_DIR
-
-
-def test_real_mnist_t10k(mnist_dir):
+def test_real_mnist_t10k():
+    mnist_dir = require_or_skip(shared_data_dir("mnist"), "the real MNIST test set (shared/data/mnist)")
     ds = MNIST.from_root(mnist_dir, "test")
     assert ds.data.shape == (10_000, 28, 28) and ds.data.dtype == np.uint8
     # the published per-digit counts of the MNIST test set

@@ -21,6 +21,7 @@ from common.metrics import (
     procrustes_align,
     topk_accuracy,
 )
+from common.testing import golden_files
 
 F64 = torch.float64
 
@@ -176,6 +177,38 @@ def test_action_wise_mean_differs_from_frame_mean():
 def test_pose_shape_errors():
     with pytest.raises(ValueError, match="J, 3"):
         mpjpe(torch.zeros(2, 17, 2), torch.zeros(2, 17, 2))
+
+
+def _pose_blocks(d: dict) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """(pred, gt, official metric block) triples of a GridConv fixture, found by its keys."""
+    blocks = []
+    if "metric_check_pred_m" in d:
+        blocks.append((d["metric_check_pred_m"], d["metric_check_gt_m"], d["metrics_check"]))
+    if "pred_pose_m" in d:
+        blocks.append((d["pred_pose_m"], d["gt_pose_m"], d["metrics_model"]))
+    elif "metrics_model" in d:  # the learnable-SGT network outputs joints directly (T = 1 output)
+        blocks.append((d["outputs_eval"]["T=1.0"], d["target_pose3d_rel_m"], d["metrics_model"]))
+    return blocks
+
+
+@pytest.mark.parametrize("path", golden_files("gridconv", "*_small.pt"))
+def test_pose_metrics_golden_vs_official_evaluate_actionwise(path):
+    """Action-wise MPJPE / P-MPJPE / per-axis errors equal the official GridConv evaluation's values."""
+    d = torch.load(path, weights_only=True)
+    blocks = _pose_blocks(d)
+    assert blocks, f"{path.name} has no metric block"
+    for pred_m, gt_m, official in blocks:
+        pred, gt = pred_m.to(F64) * 1000, gt_m.to(F64) * 1000
+        for name, aligned in (("mpjpe", pred), ("pmpjpe", procrustes_align(pred, gt))):
+            ref = official[name]
+            overall, per_action = action_wise_mean(mpjpe(aligned, gt, reduction="none"), d["actions"])
+            assert overall == pytest.approx(ref["mean_over_actions_mm"], abs=1e-6)
+            assert per_action == pytest.approx(ref["per_action_mm"], abs=1e-6)
+            axis = per_axis_error(aligned, gt, reduction="none")
+            per_axis = [action_wise_mean(axis[:, k], d["actions"])[0] for k in range(3)]
+            assert per_axis == pytest.approx(ref["per_axis_abs_mm"], abs=1e-6)
+        overall_p, _ = action_wise_mean(p_mpjpe(pred, gt, reduction="none"), d["actions"])
+        assert overall_p == pytest.approx(official["pmpjpe"]["mean_over_actions_mm"], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------- meter
