@@ -58,7 +58,7 @@ def unpickle(path: Path) -> dict:
             obj = pickle.load(f, encoding="bytes")
     except FileNotFoundError as err:
         raise DatasetError(f"missing CIFAR file {path}; re-extract the CIFAR python archive there") from err
-    except Exception as err:  # noqa: BLE001 - a corrupt pickle can raise almost anything
+    except Exception as err:  # a corrupt pickle can raise almost any exception type
         raise DatasetError(
             f"corrupt CIFAR file {path} ({type(err).__name__}: {err}); re-extract the CIFAR python archive"
         ) from err
