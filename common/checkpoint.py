@@ -65,9 +65,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        import re
+
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found is None:
+            raise UserError(f"checkpoint {path} is corrupt or not a torch checkpoint (unpickling failed); "
+                            "re-download or re-save it") from None
         raise UserError(
-            f"checkpoint {path} holds objects other than tensors ({first[:120]}); if it is an official "
+            f"checkpoint {path} holds objects other than tensors ({found.group(1)}); if it is an official "
             "checkpoint, load it through the paper's convert.py"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
@@ -92,6 +97,8 @@ _SAFE_GLOBALS: set[tuple[str, str]] = {
     ("builtins", "frozenset"),
     ("builtins", "slice"),
     ("builtins", "complex"),
+    ("builtins", "bytearray"),
+    ("_codecs", "encode"),  # how protocol-2 pickles spell bytes
     ("torch._utils", "_rebuild_tensor"),
     ("torch._utils", "_rebuild_tensor_v2"),
     ("torch._utils", "_rebuild_tensor_v3"),
@@ -321,6 +328,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 LAST = "last.pt"
+FINISHED = "FINISHED"  # marker a run directory gets when its training ended normally
 
 
 class Checkpointer:
@@ -339,13 +347,17 @@ class Checkpointer:
     def last(self) -> Path:
         return self.run_dir / LAST
 
+    def mark_finished(self) -> None:
+        if self.enabled:
+            (self.run_dir / FINISHED).write_text("training ended normally\n")
+
 
 def find_resume(run_dir: str | os.PathLike, resume: str | None) -> Path | None:
     """Resolve the `resume` setting to a checkpoint path, or None to start fresh.
 
     * `None`, "", "none", "false": start fresh.
-    * "auto": this run directory's `last.pt`, else the newest unfinished `last.pt` among sibling
-      runs of the same experiment (`<run_dir>/../*/last.pt`), else start fresh.
+    * "auto": this run directory's `last.pt`, else the newest `last.pt` among sibling runs of the
+      same experiment (`<run_dir>/../*/last.pt`) that did not finish, else start fresh.
     * anything else: a path that must exist.
     """
     if resume is None or str(resume).lower() in ("", "none", "false", "null"):
@@ -356,7 +368,7 @@ def find_resume(run_dir: str | os.PathLike, resume: str | None) -> Path | None:
             return run_dir / LAST
         candidates = sorted(run_dir.parent.glob(f"*/{LAST}"), key=lambda p: p.stat().st_mtime, reverse=True)
         for cand in candidates:
-            if not (cand.parent / "result.json").exists():
+            if not any((cand.parent / marker).exists() for marker in (FINISHED, "result.json")):
                 return cand
         return None
     path = Path(resume)

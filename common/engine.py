@@ -376,8 +376,16 @@ class Trainer:
             fn(*args)
 
     def evaluate(self) -> dict[str, float]:
+        """Validation metrics; the training RNG streams are left exactly as they were."""
         if self.val_set is None:
             return {}
+        rng = capture_rng_state()
+        try:
+            return self._evaluate()
+        finally:
+            restore_rng_state(rng)
+
+    def _evaluate(self) -> dict[str, float]:
         loader = eval_loader(self.val_set, self.plan.per_device, self.env, self.cfg.workers, self.collate_fn)
         run = self.evaluate_fn or (lambda m, ld: evaluate(m, ld, self.env, self.amp_dtype, self.channels_last))
         metrics = run(_eval_model(self.method), loader)
@@ -491,6 +499,7 @@ class Trainer:
             self.scheduler.step_update(num_updates=self.global_step)
 
     def _finish(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        self.checkpointer.mark_finished()
         self.logger.close()
         out = dict(metrics)
         out.update({f"best_{k}": v for k, v in self.best.items() if k in metrics})
