@@ -69,7 +69,7 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.nda
     if zero != b"\x00\x00" or type_code not in IDX_DTYPES or ndim == 0:
         raise DatasetError(
             f"bad IDX magic 0x{magic:08x} in {path}: expected 0x0000TTDD (type byte TT in "
-            f"{[hex(t) for t in IDX_DTYPES]}, DD dimensions); is this an uncorrupted IDX file?"
+            f"{', '.join(f'0x{t:02x}' for t in IDX_DTYPES)}, DD dimensions); is this an uncorrupted IDX file?"
         )
     if expect_magic is not None and magic != expect_magic:
         raise DatasetError(
