@@ -3,6 +3,9 @@
 Rules, applied in order to every key of an official state dict (after `{'model': ...}` unwrapping and
 `module.` stripping by `common.checkpoint.extract_state_dict`):
 
+0. our own checkpoints (`best.pt` holds the `NORMStudent`, `last.pt` the whole distiller) pass through:
+   `student.` is stripped and `teacher.*` dropped; a teacher run's `last.pt` loses the `model.` prefix of
+   `common.engine.Classifier`;
 1. drop the official student's unused tensors: `alpha`, `layer21.*`, `layer22.*` (spec b.6);
 2. the FT: `layer31.` / `layer41.` -> `ft.expand.`, `layer32.` / `layer42.` -> `ft.contract.`;
 3. ImageNet MobileNet-v1 only: `model1.{i}` / `model2.{i}` -> timm `conv_stem`/`bn1`/`blocks.{s}.{j}`, `fc` ->
@@ -13,6 +16,7 @@ Rules, applied in order to every key of an official state dict (after `{'model':
 
     python -m norm.convert OFFICIAL.pth OUT.pt --arch resnet8x4 --teacher-channels 256 [--fold]
     python -m norm.convert TEACHER.pth OUT.pt --arch resnet32x4 --teacher
+    python -m norm.convert RUN_DIR/best.pt OUT.pt --arch resnet8x4 --teacher-channels 256 --fold
 
 `--fold` writes the deployed plain student (FT merged into the classifier) and reports the max logit
 deviation against the unfolded student on a random batch.
@@ -78,8 +82,15 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], arch: str,
                        student: bool) -> OrderedDict[str, Tensor]:
     """Official keys -> ours: a `NORMStudent` state dict (`student=True`) or a plain network's."""
     out: OrderedDict[str, Tensor] = OrderedDict()
+    ours = any(k.startswith(("net.", "ft.", "student.net.")) for k in state_dict)
+    if not student and all(k.startswith("model.") for k in state_dict):  # our Classifier-wrapped teacher
+        state_dict = {k[6:]: v for k, v in state_dict.items()}
     for key, value in state_dict.items():
         key = key[7:] if key.startswith("module.") else key
+        if ours:
+            if not key.startswith("teacher."):
+                out[key[8:] if key.startswith("student.") else key] = value
+            continue
         if _UNUSED.match(key):
             continue
         for pattern, new in _FT:
@@ -111,25 +122,26 @@ def num_classes_of(state_dict: Mapping[str, Tensor]) -> int:
     return [v for k, v in state_dict.items() if k.endswith("weight") and v.dim() == 2][-1].shape[0]
 
 
-def load_official_student(source: str | Path | Mapping[str, Tensor], arch: str, teacher_channels: int,
-                          num_classes: int | None = None) -> NORMStudent:
-    """An official NORM student (file or state dict) as a `NORMStudent`; mismatches are named."""
+def load_student(source: str | Path | Mapping[str, Tensor], arch: str, teacher_channels: int,
+                 num_classes: int | None = None) -> NORMStudent:
+    """A NORM student checkpoint (official, or one of ours) as a `NORMStudent`; mismatches are named."""
     raw = load_foreign_state_dict(source) if isinstance(source, (str, Path)) else extract_state_dict(source)
     sd = convert_state_dict(raw, arch, student=True)
     n = infer_n(sd, teacher_channels)
     net = create_model(arch, num_classes or num_classes_of(sd), norm_variant=True)
     model = NORMStudent(net, teacher_channels, n)
-    load_state_dict_verbose(model, sd, strict=True, source=f"official {arch} student")
+    load_state_dict_verbose(model, sd, strict=True, source=f"{arch} student checkpoint")
     return model
 
 
-def load_official_teacher(source: str | Path | Mapping[str, Tensor], arch: str,
-                          num_classes: int | None = None) -> nn.Module:
-    """A RepDistiller / torchvision teacher (file or state dict) as our plain network, in eval mode."""
+def load_teacher(source: str | Path | Mapping[str, Tensor], arch: str,
+                 num_classes: int | None = None) -> nn.Module:
+    """A teacher (RepDistiller / torchvision file, one of our runs, or a state dict) as our plain network,
+    in eval mode."""
     raw = load_foreign_state_dict(source) if isinstance(source, (str, Path)) else extract_state_dict(source)
     sd = convert_state_dict(raw, arch, student=False)
     model = create_model(arch, num_classes or num_classes_of(sd))
-    load_state_dict_verbose(model, sd, strict=True, source=f"official {arch} teacher")
+    load_state_dict_verbose(model, sd, strict=True, source=f"{arch} teacher checkpoint")
     return model.eval()
 
 
@@ -158,13 +170,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fold", action="store_true", help="write the deployed plain student (FT folded)")
     args = p.parse_args(argv)
     if args.teacher:
-        model = load_official_teacher(args.src, args.arch)
+        model = load_teacher(args.src, args.arch)
         atomic_save(model.state_dict(), args.dst)
         print(f"wrote {args.arch} teacher state dict to {args.dst}")
         return
     if args.teacher_channels is None:
         raise UserError("--teacher-channels is required for a student checkpoint (e.g. 256 for resnet32x4)")
-    student = load_official_student(args.src, args.arch, args.teacher_channels)
+    student = load_student(args.src, args.arch, args.teacher_channels)
     if args.fold:
         plain, err = fold_and_check(student, 224 if args.arch in IMAGENET_MODELS else 32)
         atomic_save(plain.state_dict(), args.dst)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from common.testing import golden_files
-from norm.convert import OFFICIAL_ARCH, convert_state_dict, load_official_student, load_official_teacher
+from norm.convert import OFFICIAL_ARCH, convert_state_dict, load_student, load_teacher
 from norm.distiller import NORMDistiller
 from norm.models import NORMStudent, create_model
 from norm.norm import NormMultiplier
@@ -61,7 +61,7 @@ def _build_student(data: dict[str, Any]) -> tuple[NORMStudent, str]:
     cfg = data["config"]
     if "student" in cfg:
         arch = OFFICIAL_ARCH[cfg["student"]]
-        student = load_official_student(data["student_state_dict"], arch, cfg["channel_t"],
+        student = load_student(data["student_state_dict"], arch, cfg["channel_t"],
                                         cfg["num_classes"])
     else:
         arch = "features"
@@ -90,7 +90,7 @@ def _check_model(data: dict[str, Any]) -> None:
 
     # teacher: the official network reproduces the recorded teacher tensors
     if "teacher_state_dict" in data:
-        teacher = load_official_teacher(data["teacher_state_dict"], OFFICIAL_ARCH[cfg["teacher"]],
+        teacher = load_teacher(data["teacher_state_dict"], OFFICIAL_ARCH[cfg["teacher"]],
                                         cfg["num_classes"])
         with torch.no_grad():
             t_feat = teacher.forward_features(inputs["x"])
