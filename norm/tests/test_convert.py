@@ -23,7 +23,8 @@ def _official_student_sd(student: NORMStudent, ft_prefix: str = "layer3") -> dic
     return sd
 
 
-def test_official_student_file_folds_to_the_plain_network(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_official_student_file_folds_to_the_plain_network(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
     torch.manual_seed(0)
     student = NORMStudent(create_model("resnet20", 100), teacher_channels=64, n=8).eval()
     src = tmp_path / "resnet20_best.pth"
@@ -72,21 +73,21 @@ def test_repdistiller_teacher_and_mobilenet_v1_key_map(tmp_path: Path) -> None:
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = str(tmp_path / "o.pt")
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as exc:
-        main([str(bad), str(tmp_path / "o.pt"), "--arch", "resnet20", "--teacher-channels", "64"])
+        main([str(bad), out, "--arch", "resnet20", "--teacher-channels", "64"])
     assert exc.value.code == 2 and "corrupt" in capsys.readouterr().err
     torch.save({"model": create_model("resnet20", 100).state_dict()}, tmp_path / "plain.pth")
     with pytest.raises(SystemExit):
-        main([str(tmp_path / "plain.pth"), str(tmp_path / "o.pt"), "--arch", "resnet20", "--teacher-channels", "64"])
+        main([str(tmp_path / "plain.pth"), out, "--arch", "resnet20", "--teacher-channels", "64"])
     assert "no FT" in capsys.readouterr().err
     student = NORMStudent(create_model("wrn_16_2", 100), teacher_channels=128, n=2)
     torch.save({"model": _official_student_sd(student)}, tmp_path / "wrn.pth")
     with pytest.raises(SystemExit):
-        main([str(tmp_path / "wrn.pth"), str(tmp_path / "o.pt"), "--arch", "wrn_16_2", "--teacher-channels", "128",
-              "--fold"])
+        main([str(tmp_path / "wrn.pth"), out, "--arch", "wrn_16_2", "--teacher-channels", "128", "--fold"])
     assert "cannot be folded" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # wrong architecture: the mismatching keys are named
-        main([str(tmp_path / "wrn.pth"), str(tmp_path / "o.pt"), "--arch", "resnet20", "--teacher-channels", "64"])
+        main([str(tmp_path / "wrn.pth"), out, "--arch", "resnet20", "--teacher-channels", "64"])
     assert "does not fit" in capsys.readouterr().err
