@@ -35,10 +35,6 @@ _WAREHOUSE_KEY = re.compile(r"^(?P<prefix>.*?)warehouse_manager\.weights\.(?P<k>
 # ---------------------------------------------------------------------------------------------------------
 # per-family prefix rules: official module path -> ours (timm)
 # ---------------------------------------------------------------------------------------------------------
-def _resnet_rules(official_key: str) -> str:
-    return official_key  # timm's ResNet keeps torchvision's names
-
-
 def _mobilenetv2_block_table(model: nn.Module) -> dict[int, str]:
     """Official ``features.i`` (i >= 1 are blocks) -> timm ``blocks.s.j``."""
     table, i = {}, 1
@@ -66,7 +62,7 @@ def mobilenetv2_rules(model: nn.Module) -> Callable[[str], str]:
         if i == last:  # final 1x1 ConvBNReLU
             return re.sub(r"^0\.", "conv_head.", re.sub(r"^1\.", "bn2.", rest))
         block = blocks[i]
-        layers = ["conv_dw", "bn1", "conv_pw", "bn2"] if i == 1 else None
+        layers = ["conv_dw", "bn1", "conv_pw", "bn2"] if i == 1 else None  # t=1 depthwise-separable block
         mm = re.match(r"^conv\.(\d+)\.(.*)$", rest)
         if mm is None:
             raise KeyError(key)
@@ -114,6 +110,18 @@ def identity_rules(model: nn.Module) -> Callable[[str], str]:
     return lambda key: key
 
 
+def rules_for(model: nn.Module) -> Callable[[str], str]:
+    """The official -> ours prefix rules of ``model``'s family (identity for anything else)."""
+    from kernelwarehouse.models import family
+
+    try:
+        fam = family(model)
+    except ValueError:
+        return identity_rules(model)
+    return {"resnet": identity_rules, "mobilenetv2": mobilenetv2_rules, "convnext": convnext_rules,
+            "vit": identity_rules}[fam](model)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the converter
 # ---------------------------------------------------------------------------------------------------------
@@ -127,7 +135,7 @@ def _find_manager(model: nn.Module) -> tuple[str, WarehouseManager] | None:
 def key_map(official_keys: list[str] | Mapping[str, torch.Tensor], model: nn.Module,
             rename: Callable[[str], str] | None = None) -> OrderedDict[str, str]:
     """Official key -> our key, in the official order (see the module docstring for the rules)."""
-    rename = rename or (lambda k: k)
+    rename = rename or rules_for(model)
     kw_layers = {n: m for n, m in model.named_modules() if isinstance(m, KWLayer)}
     linear_paths = {n for n, m in kw_layers.items() if isinstance(m, KWLinear)}
     found = _find_manager(model)

@@ -246,7 +246,8 @@ class KWLayer(nn.Module):
         """
         warehouse = self._manager[0].weights[self.warehouse_id]
         b = attn.shape[0]
-        cells = torch.matmul(attn, warehouse.reshape(self.num_cells, -1).to(attn.dtype))  # [B, m, co*ci]
+        flat = warehouse.reshape(self.num_cells, -1).to(attn.dtype)
+        cells = torch.mm(attn.reshape(-1, self.num_cells), flat)  # [B m, c_o c_i], the official op
         s, go, gi, co, ci = self.groups_spatial, self.groups_out, self.groups_in, self.cell_out, self.cell_in
         if s == 1 and go == 1 and gi == 1:
             return cells.view(b, co, ci, *self.kernel_size)
@@ -261,7 +262,8 @@ class KWConvNd(KWLayer):
         b = x.shape[0]
         pooled = x.mean(dim=tuple(range(2, x.dim())))
         weight = self.assemble(self.mixture_weights(pooled))  # [B, O, I/g, *K]
-        if self.groups == 1 and self.groups_spatial == 1 and self.padding == (0,) * self.dim:
+        fast = self._manager[0].impl == "auto"
+        if fast and self.groups == 1 and self.groups_spatial == 1 and self.padding == (0,) * self.dim:
             # 1x1 convolution: one batched matmul, no grouped conv
             if any(s != 1 for s in self.stride):
                 x = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
@@ -321,13 +323,19 @@ class WarehouseManager(nn.Module):
     Per-warehouse hyper-parameters (``reduction``, ``cell_num_ratio`` = the budget b, ``cell_inplane_ratio``,
     ``cell_outplane_ratio``) may be a scalar, a sequence in warehouse order (order of first reservation),
     or a dict from fused warehouse name to value. The temperature ``tau`` is a buffer, so it is checkpointed.
+    ``impl='grouped'`` applies every kernel with the official op order (a grouped conv over the batch).
     """
 
     def __init__(self, reduction: PerWarehouse = 1 / 16, cell_num_ratio: PerWarehouse = 1.0,
                  cell_inplane_ratio: PerWarehouse = 1.0, cell_outplane_ratio: PerWarehouse = 1.0,
                  sharing_range: str | Iterable[str] | None = ("layer", "conv"),
-                 nonlocal_basis_ratio: float = 1.0, norm: str = "bn") -> None:
+                 nonlocal_basis_ratio: float = 1.0, norm: str = "bn", impl: str = "auto") -> None:
         super().__init__()
+        if impl not in ("auto", "grouped"):
+            raise ValueError(f"impl must be 'auto' or 'grouped', got {impl!r}")
+        # 'grouped' = the official op order everywhere (bit-exact with it); 'auto' picks the cheaper
+        # mathematically equal kernel application per layer (a batched matmul for 1x1 convs)
+        self.impl = impl
         self.sharing_range = parse_sharing_range(sharing_range)
         self.reduction, self.cell_num_ratio = reduction, cell_num_ratio
         self.cell_inplane_ratio, self.cell_outplane_ratio = cell_inplane_ratio, cell_outplane_ratio

@@ -7,6 +7,7 @@ Tolerances are the fixture README's.
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.testing import golden_files
-from kernelwarehouse.convert import convert_state_dict, key_map
+from kernelwarehouse.convert import convert_state_dict, key_map, load_official
+from kernelwarehouse.models import official_model
 from kernelwarehouse.warehouse import WarehouseManager
 
 
@@ -107,6 +109,67 @@ def group_golden(data: dict[str, Any]) -> None:
         close(buffers[converted_names[name]].float(), ref.float())
 
 
+# ---------------------------------------------------------------------------------------------------------
+# full-model fixtures: an official registry builder call, e.g. "kw_mobilenetv2_050(num_classes=10, ...)"
+# ---------------------------------------------------------------------------------------------------------
+def parse_builder(builder: str) -> tuple[str, dict[str, Any]]:
+    """``'models/x.py: kw_mobilenetv2_050(num_classes=10, sharing_range=[..]) ; notes'`` -> (name, kwargs)."""
+    call = builder.split(":", 1)[-1].split(";", 1)[0].strip()
+    node = ast.parse(call, mode="eval").body
+    assert isinstance(node, ast.Call) and isinstance(node.func, ast.Name), builder
+    return node.func.id, {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+
+
+def full_model_golden(data: dict[str, Any]) -> None:
+    config = data["config"]
+    name, kwargs = parse_builder(config["builder"])
+    num_classes = kwargs.pop("num_classes", config.get("num_classes", 1000))
+    model = official_model(name, num_classes, **kwargs)
+    # The official op order is needed here: this untrained deep net is chaotic in eval mode (on the official
+    # code itself a 1e-7 input perturbation moves the logits by ~1), so a float32 reordering of any layer
+    # (e.g. our batched-matmul 1x1 path) cannot meet the README's 1e-5 tolerance. The group fixtures, which
+    # are well conditioned, run with the default ``impl='auto'``.
+    model.warehouse_manager.impl = "grouped"
+    assert sum(p.numel() for p in model.parameters()) == config["num_params"]
+    manager = model.warehouse_manager
+    expected = sorted(tuple(w["shape"]) for w in config["warehouses"])
+    assert sorted(tuple(w.shape) for w in manager.weights) == expected
+    names = key_map(list(data["state_dict"]), model)
+    load_official(model, data["state_dict"])
+    modules = dict(model.named_modules())
+    for path, beta in data["temp_bias"].items():
+        layer = modules[names[f"{path}.attention.fc2.weight"].rsplit(".attention.", 1)[0]]
+        assert torch.equal(layer.attention.beta.flatten(), beta.float()), path
+
+    model.eval()
+    first = modules[names[f"{config['first_kw_layer']}.attention.fc2.weight"].rsplit(".attention.", 1)[0]]
+    seen: dict[str, torch.Tensor] = {}
+    hook = first.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        close(model(data["x"]), data["eval_tau0"]["out"])
+        close(first.mixture_weights(seen["x"].mean((2, 3))).reshape(-1, first.num_cells),
+              data["eval_tau0"]["first_kw_layer_attention"])
+        manager.set_temperature(1.0)
+        close(model(data["x"]), data["eval_tau1"]["out"])
+    hook.remove()
+
+    train = data["train"]
+    model.train()
+    manager.set_temperature(train["temperature"])
+    out = model(data["x"])
+    close(out, train["out"])
+    loss = F.cross_entropy(out, data["labels"])
+    assert loss.item() == pytest.approx(train["loss"], rel=1e-5)
+    loss.backward()
+    params = dict(model.named_parameters())
+    for name_, ref in train["grads_subset"].items():
+        close(params[names[name_]].grad, ref, rel=1e-4, floor=1e-9)
+    for name_, norm in train["grad_norms"].items():
+        grad = params[names[name_]].grad
+        assert grad.norm().item() == pytest.approx(norm, rel=1e-4, abs=1e-9), name_
+        assert grad.sum().item() == pytest.approx(train["grad_sums"][name_], rel=1e-3, abs=1e-4 * norm + 1e-9)
+
+
 @pytest.mark.golden
 @pytest.mark.parametrize("path", golden_files("kernelwarehouse"))
 def test_golden(path: Path) -> None:
@@ -115,8 +178,6 @@ def test_golden(path: Path) -> None:
     if "layers_in_registration_order" in config:
         group_golden(data)
     elif "builder" in config:
-        from kernelwarehouse.tests_support import full_model_golden
-
         full_model_golden(data)
     else:
         pytest.fail(f"{path.name}: unknown fixture kind (config keys {sorted(config)})")
