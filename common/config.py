@@ -156,11 +156,14 @@ def as_dict(obj: Any) -> dict[str, Any]:
     return OmegaConf.to_container(obj, resolve=True)  # type: ignore[return-value]
 
 
-def hydra_main(config_dir: str | os.PathLike, config_name: str = "train") -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+Task = Callable[[DictConfig], Any]
+
+
+def hydra_main(config_dir: str | os.PathLike, config_name: str = "train") -> Callable[[Task], Callable[[], Any]]:
     """`@hydra.main` for an entry point in `config_dir`, with `UserError` shown as one line (exit 2)."""
     import hydra
 
-    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+    def decorate(task: Task) -> Callable[[], Any]:
         guarded = cli_guard(task)
 
         @functools.wraps(task)

@@ -47,6 +47,9 @@ from common.logging import RunLogger, progress
 from common.metrics import topk_accuracy
 
 
+Losses = dict[str, torch.Tensor]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -64,7 +67,7 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def forward_train(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_train(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Losses]:
         logits = self.model(images)
         # Soft targets (mixup/cutmix) already carry the smoothing.
         smoothing = 0.0 if targets.dtype.is_floating_point else self.label_smoothing
@@ -81,7 +84,7 @@ class _TrainStep(nn.Module):
         super().__init__()
         self.method = method
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Losses]:
         return self.method.forward_train(images, targets)
 
 
@@ -476,7 +479,8 @@ class Trainer:
                                     step=self.global_step)
                     self.logger.info(f"epoch {self.epoch}/{cfg.epochs} step {self.global_step} " +
                                      " ".join(f"{k}={v:.3f}" for k, v in last_metrics.items()))
-                    if self.primary in last_metrics and last_metrics[self.primary] >= self.best.get(self.primary, -math.inf):
+                    primary = last_metrics.get(self.primary)
+                    if primary is not None and primary >= self.best.get(self.primary, -math.inf):
                         self.checkpointer.save({"model": _eval_model(self.method).state_dict(),
                                                 "epoch": self.epoch, "metrics": last_metrics}, "best.pt")
                 self.save()

@@ -116,7 +116,8 @@ def test_too_small_dataset_is_one_line_error(tmp_path: Path) -> None:
 def test_sigterm_saves_then_resume_finishes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "common.example.train", "profile=smoke", "trainer.max_steps=null",
-           "trainer.epochs=50", f"output_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "run")]
+           "trainer.epochs=50", "trainer.log_every=1", f"output_dir={tmp_path}",
+           "hydra.run.dir=" + str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -129,7 +130,7 @@ def test_sigterm_saves_then_resume_finishes(tmp_path: Path) -> None:
     assert "resume with trainer.resume=auto" in out
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["global_step"] > 0
-    done = subprocess.run(cmd[:-2] + ["trainer.epochs=2", "hydra.run.dir=" + str(tmp_path / "run")], cwd=tmp_path,
+    done = subprocess.run(cmd[:-2] + ["trainer.epochs=1", "hydra.run.dir=" + str(tmp_path / "run")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from" in done.stdout
