@@ -46,7 +46,6 @@ from common.errors import UserError
 from common.logging import RunLogger, progress
 from common.metrics import topk_accuracy
 
-
 Losses = dict[str, torch.Tensor]
 
 
