@@ -229,11 +229,15 @@ class GridConv(nn.Module):
         if self.attention is None:
             y = F.conv2d(padded, weight)
         else:
-            n, _, h, w = x.shape
-            att = self.attention(x).reshape(n, 1, self.kernel_size ** 2, h * w)
-            cols = F.unfold(padded, self.kernel_size)  # (n, 2*C_in*k*k, h*w), taps fastest
-            cols = (cols.view(n, -1, self.kernel_size ** 2, h * w) * att).view(n, -1, h * w)
-            y = torch.matmul(weight.reshape(out_ch, -1), cols).view(n, out_ch, h, w)
+            # Per tap k: a 1x1 convolution of the shifted input, scaled by a[:, k] per output cell. Same
+            # result as unfold + modulated matmul (the official form), without materialising the columns.
+            h, w = x.shape[-2:]
+            att = self.attention(x)
+            y = 0
+            for k in range(self.kernel_size ** 2):
+                i, j = divmod(k, self.kernel_size)
+                tap = F.conv2d(padded[:, :, i:i + h, j:j + w], weight[:, :, i:i + 1, j:j + 1])
+                y = y + tap * att[:, k:k + 1]
         if self.bias is not None:
             y = y + self.bias.sum(0).view(1, -1, 1, 1)
         return y

@@ -1,6 +1,7 @@
 """``make reproduce-gridconv``: the README rows on Human3.6M, or, without it, the smoke comparison.
 
     python -m gridconv.reproduce --data-root /data/h36m [--seeds 0 1 2]   # the four README rows
+    make reproduce-gridconv ARGS="data.root=/data/h36m"                  # the same
     python -m gridconv.reproduce                                          # synthetic smoke, CPU minutes
 
 With a Human3.6M root (``--data-root`` or ``$GRIDCONV_H36M_ROOT``) every row of ``paper.yaml`` is trained
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. train.epochs=1")
     args = parser.parse_args(argv)
+    for item in list(args.overrides):  # `make reproduce-gridconv ARGS="data.root=/data/h36m"` works too
+        if item.startswith("data.root="):
+            args.overrides.remove(item)
+            args.data_root = item.split("=", 1)[1] or None
     if args.data_root:
         print(full(args.data_root, args.seeds, args.output_dir, args.overrides))
     else:
