@@ -401,7 +401,7 @@ class Trainer:
         cfg = self.cfg
         resume = find_resume(self.run_dir, cfg.resume)
         if resume is not None:
-            self.load_state_dict(load_checkpoint(resume, map_location=self.env.device))
+            self.load_state_dict(load_checkpoint(resume))  # on CPU: RNG states must stay there
             self.logger.info(f"resumed from {resume} at epoch {self.epoch}, step {self.global_step}")
         else:
             seed_everything(cfg.seed + self.env.rank)
