@@ -256,28 +256,68 @@ class KWLayer(nn.Module):
 
 
 class KWConvNd(KWLayer):
-    """A KW convolution (spec §b.6): the kernel is assembled per sample from the shared warehouse."""
+    """A KW convolution (spec §b.6): the kernel is assembled per sample from the shared warehouse.
+
+    Assembly is always one matmul over all cells, ``C = alpha @ E`` (``[B, m, c_o c_i]``). The kernels are
+    then applied in one of three mathematically equal ways (``impl='auto'`` picks per layer and input size;
+    ``impl='grouped'`` always uses the official one):
+
+    * ``grouped``: permute ``C`` into ``[B O, I/g, *K]`` kernels and run one grouped conv, ``groups = g B``;
+    * ``pointwise`` (1x1, g=1): one batched matmul ``W_b @ X_b``;
+    * ``tapwise`` (2-D, g=1): no kernel permute: for each tap ``s`` and block pair ``(p, q)`` the cell
+      ``C[b, s, p, q]`` multiplies the unfolded input ``X[b, s, q]`` in one broadcast batched matmul, and the
+      taps are summed. It wins when the output is small next to the kernel (late, low-resolution stages).
+    """
+
+    def kernel_application(self, x: torch.Tensor) -> str:
+        """Which application to use for input ``x`` (see the class docstring)."""
+        if self._manager[0].impl != "auto" or self.groups != 1:
+            return "grouped"
+        if self.groups_spatial == 1 and self.padding == (0,) * self.dim:
+            return "pointwise"
+        if self.dim == 2 and self.dilation == (1, 1):
+            length = math.prod(
+                (x.shape[2 + d] + 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1) - 1)
+                // self.stride[d] + 1 for d in range(2))
+            # tap outputs [B, S, G_i, O, L] versus the permuted kernels [B, O, I, S]
+            if self.groups_in * length <= self._manager[0].tapwise_ratio * self.in_planes:
+                return "tapwise"
+        return "grouped"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        pooled = x.mean(dim=tuple(range(2, x.dim())))
-        weight = self.assemble(self.mixture_weights(pooled))  # [B, O, I/g, *K]
-        fast = self._manager[0].impl == "auto"
-        if fast and self.groups == 1 and self.groups_spatial == 1 and self.padding == (0,) * self.dim:
-            # 1x1 convolution: one batched matmul, no grouped conv
-            if any(s != 1 for s in self.stride):
-                x = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
-            w2 = weight.reshape(b, self.out_planes, self.in_planes)
-            y = torch.matmul(w2, x.reshape(b, self.in_planes, -1))
-            y = y.view(b, self.out_planes, *x.shape[2:])
-        else:
+        attn = self.mixture_weights(x.mean(dim=tuple(range(2, x.dim()))))  # [B, m, n]
+        how = self.kernel_application(x)
+        if how == "grouped":
+            weight = self.assemble(attn)  # [B, O, I/g, *K]
             conv = (F.conv1d, F.conv2d, F.conv3d)[self.dim - 1]
             y = conv(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None,
                      self.stride, self.padding, self.dilation, self.groups * b)
             y = y.view(b, self.out_planes, *y.shape[2:])
+        elif how == "pointwise":
+            if any(s != 1 for s in self.stride):
+                x = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
+            weight = self.assemble(attn).reshape(b, self.out_planes, self.in_planes)
+            y = torch.matmul(weight, x.reshape(b, self.in_planes, -1)).view(b, self.out_planes, *x.shape[2:])
+        else:
+            y = self._tapwise(x, attn)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, *([1] * self.dim)).to(y.dtype)
         return y
+
+    def _tapwise(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[0], self.num_cells
+        s, go, gi, co, ci = self.groups_spatial, self.groups_out, self.groups_in, self.cell_out, self.cell_in
+        out_hw = [(x.shape[2 + d] + 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1) - 1)
+                  // self.stride[d] + 1 for d in range(2)]
+        warehouse = self._manager[0].weights[self.warehouse_id].reshape(n, -1).to(attn.dtype)
+        cells = torch.mm(attn.reshape(-1, n), warehouse).view(b, s, go, gi, co, ci)
+        # taps as strided views of the padded input, copied once into [B, S, G_i, c_i, L] (faster than im2col)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        taps = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # [B, I, Ho, Wo, kh, kw]
+        taps = taps.permute(0, 4, 5, 1, 2, 3).reshape(b, s, 1, gi, ci, -1)
+        y = torch.matmul(cells, taps).sum(dim=(1, 3))  # [B, G_o, c_o, L]
+        return y.reshape(b, self.out_planes, *out_hw)
 
 
 class KWConv1d(KWConvNd):
@@ -336,6 +376,7 @@ class WarehouseManager(nn.Module):
         # 'grouped' = the official op order everywhere (bit-exact with it); 'auto' picks the cheaper
         # mathematically equal kernel application per layer (a batched matmul for 1x1 convs)
         self.impl = impl
+        self.tapwise_ratio = 1.0  # 'tapwise' when G_i L <= ratio I (measured with kernelwarehouse.bench)
         self.sharing_range = parse_sharing_range(sharing_range)
         self.reduction, self.cell_num_ratio = reduction, cell_num_ratio
         self.cell_inplane_ratio, self.cell_outplane_ratio = cell_inplane_ratio, cell_outplane_ratio
