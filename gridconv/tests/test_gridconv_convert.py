@@ -110,3 +110,39 @@ def test_lr_schedule_matches_official() -> None:
         ref = lists[f"lr_decay={decay_every}"]
         ours = [lr_at_epoch(e, 1e-3, 0.96, decay_every) for e in range(len(ref))]
         assert ours == pytest.approx(ref, rel=1e-12)
+
+
+def test_convert_cli_writes_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    from gridconv.convert import main as convert_main
+    from gridconv.eval import load_model
+
+    fx = fixture("autogrids_small.pt")
+    src = write_official(tmp_path / "official.pth.tar", fx["state_dict"])
+    convert_main([str(src), str(tmp_path / "ours.pt"), "--padding", "c", "z", "--temperature", "1"])
+    saved = torch.load(tmp_path / "ours.pt", weights_only=True)
+    assert saved["model"]["sgt"] == "learnable" and float(saved["state_dict"]["stem.attention.temperature"]) == 1
+    model = GridLiftingNetwork(**saved["model"]).eval()
+    model.load_state_dict(saved["state_dict"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(fx["input_pose2d_norm"]), fx["outputs_eval"]["T=1.0"], atol=1e-5,
+                                   rtol=1e-4)
+    official, meta = load_model(src, ("c", "z"), temperature=None)  # eval's loader: official, T = 30
+    assert meta["source"] == "official" and official.temperature == 30.0
+
+
+def test_eval_on_mpi3dhp(tmp_path: Path) -> None:
+    import numpy as np
+
+    from gridconv.eval import run as eval_run
+
+    fx = fixture("dgridconv_small.pt")
+    path = write_official(tmp_path / "official.pth.tar", fx["state_dict"])
+    rng = np.random.default_rng(0)
+    names = np.array([f"mpi_inf_3dhp_test_set/TS{1 + i % 6}/imageSequence/img_{i:06d}.jpg" for i in range(12)])
+    np.savez(tmp_path / "mpi_inf_3dhp_valid.npz", imgname=names, part=rng.uniform(500, 1500, (12, 24, 3)),
+             S=rng.normal(0, 0.4, (12, 24, 4)))
+    cfg = compose(CONFIG_DIR, ["experiment=gt_dgridconv_handcrafted", "data=mpi3dhp", f"checkpoint={path}",
+                               f"data.root={tmp_path / 'mpi_inf_3dhp_valid.npz'}", f"output_dir={tmp_path}"])
+    metrics = eval_run(cfg)["metrics"]
+    assert {"pck", "auc", "mpjpe", "pck/GS", "pck/noGS", "pck/Outdoor"} <= set(metrics)
+    assert 0 <= metrics["auc"] <= metrics["pck"] <= 100
