@@ -125,8 +125,8 @@ def n_to_one_loss(expanded: Tensor, teacher_feat: Tensor) -> Tensor:
     if expanded.shape[1] % c_t:
         raise ValueError(f"expanded channels {expanded.shape[1]} are not a multiple of C_t={c_t}")
     n = expanded.shape[1] // c_t
-    segments = expanded.unflatten(1, (n, c_t))  # [B, N, C_t, H, W]
-    diff = segments - teacher_feat.detach().unsqueeze(1)
+    segments = expanded.float().unflatten(1, (n, c_t))  # [B, N, C_t, H, W]; float32 under autocast
+    diff = segments - teacher_feat.detach().float().unsqueeze(1)
     return diff.pow(2).mean() * n
 
 

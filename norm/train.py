@@ -1,0 +1,219 @@
+"""Train one NORM table row: a CIFAR teacher (plain CE) or a student distilled with NORM.
+
+    python -m norm.train experiment=cifar100_teacher_resnet32x4 data.root=/data/cifar100
+    python -m norm.train experiment=cifar100_resnet32x4_resnet8x4 data.root=/data/cifar100 \
+        model.teacher_checkpoint=/ckpt/resnet32x4_vanilla/ckpt_epoch_240.pth
+    python -m norm.train experiment=cifar100_resnet56_resnet20 profile=smoke        # CPU, synthetic data
+    torchrun --nproc_per_node=8 -m norm.train experiment=imagenet_resnet34_resnet18 data.root=/data/imagenet \
+        model.teacher_checkpoint=/ckpt/resnet34-333f7ec4.pth
+
+A NORM run evaluates the teacher first (logged as `teacher_top1`), trains the student with the FT, then
+folds the FT into the classifier, checks the folded accuracy and writes `deployed.pt` (the plain student).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import Dataset
+
+from common.checkpoint import atomic_save
+from common.config import (
+    LoggerConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainerConfig,
+    as_dict,
+    check_choice,
+    hydra_main,
+    run_dir,
+    save_resolved,
+    validate,
+)
+from common.data import CIFAR, ImageFolder, build_transforms, write_synthetic_cifar
+from common.dist import DistEnv, cleanup, init_distributed
+from common.engine import Classifier, Trainer, eval_loader, evaluate
+from common.errors import UserError
+from common.report import write_result
+
+from .convert import load_teacher
+from .distiller import NORMDistiller
+from .models import MODEL_NAMES, NORMStudent, create_model, is_foldable
+from .norm import NormMultiplier
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    name: str  # cifar100 | imagenet | synthetic_cifar
+    root: str | None = None
+    num_classes: int = 100
+    image_size: int = 32
+    train_per_class: int = 64  # synthetic_cifar only
+    test_per_class: int = 16
+
+
+@dataclass
+class ModelConfig:
+    student: str  # the network this row trains (the teacher itself for teacher rows)
+    teacher: str | None = None
+    teacher_checkpoint: str | None = None
+
+
+@dataclass
+class MultiplierConfig:
+    milestones: list[int] = field(default_factory=lambda: [10, 20, 180, 210])
+    values: list[float] = field(default_factory=lambda: [0.1, 0.5, 1.0, 0.5, 0.1])
+    reference_epochs: int = 241
+
+
+@dataclass
+class MethodConfig:
+    name: str = "norm"  # norm | ce
+    n: int = 8
+    residual: bool = True
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    norm_weight: float = 1.0
+    kd_temperature: float = 4.0
+    logit_scale: float | None = 2.5
+    multiplier: MultiplierConfig | None = field(default_factory=MultiplierConfig)
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig
+    model: ModelConfig
+    method: MethodConfig
+    trainer: TrainerConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    logger: LoggerConfig
+
+
+def parse(cfg: DictConfig) -> RunConfig:
+    """Validate every group; a wrong key or value is a one-line error naming it."""
+    run = RunConfig(
+        data=validate(cfg.data, DataConfig, "data."),
+        model=validate(cfg.model, ModelConfig, "model."),
+        method=validate(cfg.method, MethodConfig, "method."),
+        trainer=validate(cfg.trainer, TrainerConfig, "trainer."),
+        optim=validate(cfg.optim, OptimConfig, "optim."),
+        schedule=validate(cfg.schedule, ScheduleConfig, "schedule."),
+        logger=validate(cfg.logger, LoggerConfig, "logger."),
+    )
+    check_choice("data.name", run.data.name, ("cifar100", "imagenet", "synthetic_cifar"))
+    check_choice("method.name", run.method.name, ("norm", "ce"))
+    check_choice("model.student", run.model.student, MODEL_NAMES)
+    if run.method.name == "norm":
+        if run.model.teacher is None:
+            raise UserError("config model.teacher: NORM needs a teacher network (e.g. model.teacher=resnet32x4)")
+        check_choice("model.teacher", run.model.teacher, MODEL_NAMES)
+        if run.method.n < 1:
+            raise UserError(f"config method.n={run.method.n}: N must be a positive integer")
+    return run
+
+
+def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """Train and evaluation sets with the official transforms (spec d.2, d.3); nothing is downloaded."""
+    if cfg.name == "synthetic_cifar":
+        if cfg.root is None:
+            raise UserError("config data.root: set a folder for the synthetic CIFAR files")
+        write_synthetic_cifar(cfg.root, cfg.num_classes, cfg.train_per_class, cfg.test_per_class, seed=0)
+    elif cfg.root is None:
+        layout = "cifar-100-python/{train,test,meta}" if cfg.name == "cifar100" else "train/<wnid>/, val/<wnid>/"
+        raise UserError(f"config data.root is not set: pass data.root=<folder holding {layout}> (spec f), "
+                        "or profile=smoke for synthetic data")
+    if cfg.name == "imagenet":
+        train_tf = build_transforms("imagenet", True, cfg.image_size, color_jitter=0.0)  # RRC + flip only
+        return (ImageFolder(cfg.root, "train", train_tf),
+                ImageFolder(cfg.root, "val", build_transforms("imagenet", False, cfg.image_size)))
+    train_tf = build_transforms("cifar100", True, cfg.image_size)
+    test_tf = build_transforms("cifar100", False, cfg.image_size)
+    return (CIFAR(cfg.root, cfg.num_classes, "train", train_tf),  # type: ignore[arg-type]
+            CIFAR(cfg.root, cfg.num_classes, "test", test_tf))  # type: ignore[arg-type]
+
+
+def _fit(method: nn.Module, run: RunConfig, train_set: Dataset, val_set: Dataset, out: Path, env: DistEnv,
+         config_dict: dict[str, Any]) -> dict[str, float]:
+    params = [p for p in method.parameters() if p.requires_grad]  # the frozen teacher is not optimized
+    trainer = Trainer(method, train_set, val_set, run.trainer, run.optim, run.schedule, out, env,
+                      logger_cfg=run.logger, params=params, num_classes=run.data.num_classes,
+                      config_dict=config_dict)
+    return trainer.fit()
+
+
+def get_teacher(run: RunConfig, profile: str, train_set: Dataset, val_set: Dataset, out: Path, env: DistEnv,
+                config_dict: dict[str, Any]) -> nn.Module:
+    """The frozen teacher: from `model.teacher_checkpoint`, or (smoke profile only) trained here first."""
+    arch, nc = run.model.teacher, run.data.num_classes
+    assert arch is not None
+    if run.model.teacher_checkpoint is not None:
+        return load_teacher(run.model.teacher_checkpoint, arch, nc)
+    if profile != "smoke":
+        raise UserError(f"config model.teacher_checkpoint is not set: pass the {arch} teacher (a RepDistiller "
+                        f"ckpt_epoch_240.pth, a torchvision .pth, or best.pt of experiment=cifar100_teacher_{arch})")
+    teacher_dir = out / "teacher"
+    if not (teacher_dir / "FINISHED").is_file():  # smoke: train the teacher with the same data and sizes
+        teacher_dir.mkdir(parents=True, exist_ok=True)
+        _fit(Classifier(create_model(arch, nc)), run, train_set, val_set, teacher_dir, env, config_dict)
+    return load_teacher(teacher_dir / "best.pt", arch, nc)
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
+    """Train one row; returns the final metrics (also written to result.json) and the run directory."""
+    r = parse(cfg)
+    env = init_distributed(r.trainer.device)
+    out = run_dir(cfg, "norm", cfg.name)
+    if env.is_main:
+        save_resolved(cfg, out)
+    torch.manual_seed(r.trainer.seed)
+    train_set, val_set = build_data(r.data)
+    config_dict = as_dict(cfg)
+    nc = r.data.num_classes
+    extra: dict[str, Any] = {}
+
+    if r.method.name == "ce":
+        method: nn.Module = Classifier(create_model(r.model.student, nc))
+    else:
+        teacher = get_teacher(r, cfg.profile, train_set, val_set, out, env, config_dict).to(env.device)
+        loader = eval_loader(val_set, r.trainer.global_batch, env, r.trainer.workers)
+        extra["teacher_top1"] = evaluate(teacher, loader, env)["top1"]  # check the teacher before distilling
+        if env.is_main:
+            print(f"teacher {r.model.teacher}: top1 {extra['teacher_top1']:.2f}")
+        student = NORMStudent(create_model(r.model.student, nc, norm_variant=True), teacher.num_features,
+                              r.method.n, r.method.residual)
+        m = r.method.multiplier
+        method = NORMDistiller(student, teacher, r.method.ce_weight, r.method.kd_weight, r.method.norm_weight,
+                               r.method.kd_temperature, r.method.logit_scale,
+                               None if m is None else NormMultiplier(m.milestones, m.values, m.reference_epochs))
+    metrics = _fit(method, r, train_set, val_set, out, env, config_dict)
+
+    if isinstance(method, NORMDistiller) and is_foldable(student.net):
+        deployed = student.eval().fold()
+        loader = eval_loader(val_set, r.trainer.global_batch, env, r.trainer.workers)
+        metrics["top1_folded"] = evaluate(deployed, loader, env)["top1"]
+        extra["params_deployed"] = sum(p.numel() for p in deployed.parameters())
+        extra["params_train"] = sum(p.numel() for p in student.parameters())
+        if env.is_main:
+            atomic_save(deployed.state_dict(), out / "deployed.pt")
+    if env.is_main:
+        write_result(out, "norm", cfg.name, cfg.row, cfg.profile, metrics, seed=r.trainer.seed, **extra)
+        print(f"result: {out / 'result.json'}  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    cleanup()
+    return metrics, out
+
+
+@hydra_main(CONFIG_DIR)
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
