@@ -273,10 +273,11 @@ def _official_init(model: nn.Module, arch: str, kw: bool) -> None:
 
 
 def create_model(name: str, num_classes: int = 1000, drop_path_rate: float = 0.0, drop_rate: float = 0.0,
-                 **overrides: Any) -> nn.Module:
+                 img_size: int | None = None, **overrides: Any) -> nn.Module:
     """Build a row's model by name: ``<arch>`` (baseline) or ``kw<budget>_<arch>``, e.g. ``kw1d2x_resnet50``.
 
-    ``overrides`` replace fields of the official :class:`KWRecipe` (e.g. ``reduction``, ``norm``).
+    ``overrides`` replace fields of the official :class:`KWRecipe` (e.g. ``reduction``, ``norm``);
+    ``img_size`` applies to the ViTs only.
     """
     m = re.fullmatch(r"(?:kw(?P<budget>1d4x|1d2x|1x|2x|4x)_)?(?P<arch>[a-z0-9_]+)", name)
     if m is None or m.group("arch") not in ARCHS:
@@ -284,6 +285,8 @@ def create_model(name: str, num_classes: int = 1000, drop_path_rate: float = 0.0
     arch, budget = m.group("arch"), m.group("budget")
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": drop_path_rate,
                               "drop_rate": drop_rate}
+    if img_size is not None and arch.startswith("deit"):
+        kwargs["img_size"] = img_size
     if arch.startswith("resnet"):
         kwargs["zero_init_last"] = False  # the official ResNets do not zero-init the last BN
     model = timm.create_model(ARCHS[arch], pretrained=False, **kwargs)

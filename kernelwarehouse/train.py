@@ -1,0 +1,185 @@
+"""Train one table row: ``python -m kernelwarehouse.train experiment=<row> [profile=smoke] [data.root=...]``.
+
+Single process by default; ``torchrun --nproc_per_node=N -m kernelwarehouse.train ...`` for DDP (the global
+batch stays the row's; per-device batch and gradient accumulation are derived). CPU works too
+(``trainer.device=cpu``). A run resumes from its last checkpoint with ``trainer.resume=auto`` (the default)
+when pointed at the same ``hydra.run.dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from common.config import (
+    LoggerConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainerConfig,
+    check_choice,
+    hydra_main,
+    run_dir,
+    save_resolved,
+    validate,
+)
+from common.data import ImageFolder, build_transforms, write_synthetic_imagefolder
+from common.dist import DistEnv, cleanup, init_distributed
+from common.engine import Classifier, Trainer, evaluate
+from common.errors import UserError
+from common.report import write_result
+from kernelwarehouse.models import create_model, param_groups, set_temperature, warehouse_manager
+from kernelwarehouse.warehouse import temperature_at
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+PAPER = "kernelwarehouse"
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    drop_path: float = 0.0
+    drop_rate: float = 0.0
+    kw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    name: str
+    root: str | None
+    num_classes: int = 1000
+    image_size: int = 224
+    train_per_class: int = 48
+    val_per_class: int = 16
+    train_aug: dict[str, Any] = field(default_factory=dict)
+    eval_aug: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    temp_epoch: float = 20.0
+    temp_init: float = 1.0
+    impl: str = "auto"
+
+
+class KWClassifier(Classifier):
+    """Cross-entropy training of a (KW) network with the attention temperature schedule (spec §b.9).
+
+    Before every optimizer step ``tau = max(0, T0 (T - it) / T)`` with ``T = temp_epoch x steps/epoch``; tau
+    lives in the warehouse manager's buffer, so it is checkpointed with the model. Plain baselines have no
+    manager and ignore the schedule.
+    """
+
+    def __init__(self, model: nn.Module, label_smoothing: float, temp_epoch: float, temp_init: float) -> None:
+        super().__init__(model, label_smoothing)
+        self.temp_epoch, self.temp_init = temp_epoch, temp_init
+        self.num_epochs = 1
+
+    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        self.num_epochs = num_epochs
+
+    def on_step_start(self, step: int, total_steps: int) -> None:
+        steps_per_epoch = max(total_steps // max(self.num_epochs, 1), 1)
+        set_temperature(self.model, temperature_at(0, step, steps_per_epoch, self.temp_epoch, self.temp_init))
+
+    @property
+    def temperature(self) -> float | None:
+        manager = warehouse_manager(self.model)
+        return None if manager is None else float(manager.temperature)
+
+
+def build_model(model_cfg: ModelConfig, data: DataConfig, method: MethodConfig) -> nn.Module:
+    check_choice("method.impl", method.impl, ("auto", "grouped"))
+    kwargs: dict[str, Any] = dict(model_cfg.kw)
+    if "deit" in model_cfg.name:
+        kwargs["img_size"] = data.image_size
+    try:
+        model = create_model(model_cfg.name, data.num_classes, model_cfg.drop_path, model_cfg.drop_rate, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"config model: {err}") from None
+    manager = warehouse_manager(model)
+    if manager is not None:
+        manager.impl = method.impl
+    return model
+
+
+def build_data(cfg: DataConfig, train: bool = True) -> tuple[Any, Any]:
+    """(train set, val set): ImageNet class folders, or synthetic ones written in the same format."""
+    check_choice("data.name", cfg.name, ("imagenet", "synthetic"))
+    if cfg.name == "synthetic":
+        write_synthetic_imagefolder(cfg.root, cfg.num_classes, cfg.train_per_class, cfg.val_per_class,
+                                    image_size=max(cfg.image_size, 32), seed=0)
+    elif not cfg.root:
+        raise UserError("data.root is not set: pass data.root=/path/to/imagenet (holding train/<wnid>/*.JPEG and "
+                        "val/<wnid>/*.JPEG, spec section f), or profile=smoke for synthetic data")
+    try:
+        train_tf = build_transforms("imagenet", True, cfg.image_size, **cfg.train_aug)
+        val_tf = build_transforms("imagenet", False, cfg.image_size, **cfg.eval_aug)
+    except TypeError as err:
+        raise UserError(f"config data.train_aug/eval_aug: {err}") from None
+    train_set = ImageFolder(cfg.root, "train", train_tf) if train else None
+    val_set = ImageFolder(cfg.root, "val", val_tf)
+    if len(val_set.classes) != cfg.num_classes:
+        raise UserError(f"{cfg.root}/val has {len(val_set.classes)} class folders but data.num_classes="
+                        f"{cfg.num_classes}; fix data.root or data.num_classes")
+    return train_set, val_set
+
+
+def evaluator(live: nn.Module, env: DistEnv, amp_dtype: torch.dtype | None, channels_last: bool):  # noqa: ANN201
+    """Validation as in the official engine: the live model at its current tau, an EMA copy at tau = 0."""
+
+    def run(model: nn.Module, loader: Any) -> dict[str, float]:
+        if model is not live:
+            set_temperature(model, 0.0)
+        return evaluate(model, loader, env, amp_dtype, channels_last)
+
+    return run
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train and evaluate one configuration; returns the final metrics (also written to result.json)."""
+    model_cfg = validate(cfg.model, ModelConfig, "model.")
+    data = validate(cfg.data, DataConfig, "data.")
+    method = validate(cfg.method, MethodConfig, "method.")
+    trainer_cfg = validate(cfg.trainer, TrainerConfig, "trainer.")
+    optim = validate(cfg.optim, OptimConfig, "optim.")
+    schedule = validate(cfg.schedule, ScheduleConfig, "schedule.")
+    logger_cfg = validate(cfg.logger, LoggerConfig, "logger.")
+    env = init_distributed(trainer_cfg.device)
+    out = run_dir(cfg, PAPER, cfg.name)
+    if env.is_main:
+        save_resolved(cfg, out)
+    torch.manual_seed(trainer_cfg.seed)
+    train_set, val_set = build_data(data)
+    model = build_model(model_cfg, data, method)
+    manager = warehouse_manager(model)
+    if manager is not None and env.is_main:
+        print("warehouses: " + "; ".join(f"{w['name']} {w['shape']} x{w['num_layers']} b={w['budget']:g}"
+                                         for w in manager.summary()))
+    method_module = KWClassifier(model, trainer_cfg.label_smoothing, method.temp_epoch, method.temp_init)
+    trainer = Trainer(method_module, train_set, val_set, trainer_cfg, optim, schedule, out, env,
+                      logger_cfg=logger_cfg, params=param_groups(model, optim.weight_decay),
+                      num_classes=data.num_classes, config_dict=OmegaConf.to_container(cfg, resolve=True))
+    if manager is not None and manager.norm == "bn" and trainer.plan.per_device < 2:
+        raise UserError(f"the per-device batch is {trainer.plan.per_device}: the KW attention BatchNorm needs >= 2 "
+                        "samples; raise trainer.max_device_batch / global_batch or use model.kw.norm=ln")
+    trainer.evaluate_fn = evaluator(model, env, trainer.amp_dtype, trainer.channels_last)
+    metrics = trainer.fit()
+    if env.is_main:
+        write_result(out, PAPER, cfg.name, cfg.row, cfg.profile, metrics, seed=trainer_cfg.seed)
+        print(f"result: {out / 'result.json'}  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    cleanup()
+    return metrics
+
+
+@hydra_main(CONFIG_DIR)
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
