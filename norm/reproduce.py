@@ -4,6 +4,9 @@
     python -m norm.reproduce --cifar100-root /data/cifar100     # Tables 1-2 (teachers first, unless given)
     python -m norm.reproduce --cifar100-root ... --teacher-dir /ckpt/cifar_teachers --rows cifar100_vgg13_vgg8
     python -m norm.reproduce --imagenet-root /data/imagenet --teacher-dir /ckpt/torchvision
+    make reproduce-norm ARGS="data.root=/data/cifar100 trainer.workers=16"   # Hydra-style, as the Makefile
+
+Any `key=value` argument is a Hydra override passed to every run; `data.root=` is the CIFAR-100 root.
 
 `--teacher-dir` holds released teachers: RepDistiller's `<arch>_vanilla/ckpt_epoch_240.pth` (or
 `<arch>.pth`), torchvision `resnet34-333f7ec4.pth` / `resnet50-19c8e357.pth` (or `<arch>.pth`). A CIFAR
@@ -53,7 +56,7 @@ def _find_teacher(teacher_dir: Path | None, arch: str) -> Path | None:
 
 
 def full(cifar_root: str | None, imagenet_root: str | None, teacher_dir: Path | None, rows: list[str] | None,
-         output_dir: str) -> None:
+         output_dir: str, extra: list[str]) -> None:
     """Run the selected student rows (and the CIFAR teacher rows they need) with the paper's recipe."""
     table = [r for r in _rows() if r["role"] == "student" and (rows is None or r["id"] in rows)]
     teachers: dict[str, Path] = {}
@@ -69,7 +72,7 @@ def full(cifar_root: str | None, imagenet_root: str | None, teacher_dir: Path | 
             if found is None and cifar:
                 print(f"training teacher {arch} (experiment=cifar100_teacher_{arch})")
                 _, run_dir = _run([f"experiment=cifar100_teacher_{arch}", f"data.root={root}",
-                                   f"output_dir={output_dir}"])
+                                   f"output_dir={output_dir}", *extra])
                 found = run_dir / "best.pt"
             if found is None:
                 print(f"skip {row['id']}: no {arch} teacher in --teacher-dir ({TEACHER_FILES.get(arch)})")
@@ -77,14 +80,15 @@ def full(cifar_root: str | None, imagenet_root: str | None, teacher_dir: Path | 
             teachers[arch] = found
         print(f"running {row['id']} with teacher {teachers[arch]}")
         _run([f"experiment={row['id']}", f"data.root={root}", f"model.teacher_checkpoint={teachers[arch]}",
-              f"output_dir={output_dir}"])
+              f"output_dir={output_dir}", *extra])
     print(paper_report("norm", Path(output_dir)))
 
 
-def smoke(output_dir: str, epochs: int, image_size: int) -> None:
+def smoke(output_dir: str, epochs: int, image_size: int, extra: list[str]) -> None:
     """Teacher, student without NORM, student with NORM on synthetic CIFAR-format data, then the table."""
     row = next(r for r in _rows() if r["id"] == SMOKE_ROW)
-    sizes = ["profile=smoke", f"output_dir={output_dir}", f"data.image_size={image_size}", "trainer.log_every=1000"]
+    sizes = ["profile=smoke", f"output_dir={output_dir}", f"data.image_size={image_size}", "trainer.log_every=1000",
+             *extra]
     t0 = time.time()
     # the deeper teacher learns slower: it gets twice the students' epochs
     teacher, teacher_dir = _run([f"experiment=cifar100_teacher_{row['teacher']}", f"trainer.epochs={2 * epochs}",
@@ -138,15 +142,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output-dir", default="outputs")
     p.add_argument("--smoke-epochs", type=int, default=5)
     p.add_argument("--smoke-image-size", type=int, default=16)
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    extra = []
+    for a in rest:
+        if "=" not in a or a.startswith("-"):
+            raise UserError(f"unknown argument {a!r}; use the options of --help or Hydra overrides key=value")
+        if a.startswith("data.root="):
+            args.cifar100_root = a.split("=", 1)[1]
+        else:
+            extra.append(a)
     known = {r["id"] for r in _rows()}
     for r in args.rows or []:
         if r not in known:
             raise UserError(f"--rows {r}: not a row of norm/paper.yaml; choose from {', '.join(sorted(known))}")
     if args.cifar100_root is None and args.imagenet_root is None:
-        smoke(args.output_dir, args.smoke_epochs, args.smoke_image_size)
+        smoke(args.output_dir, args.smoke_epochs, args.smoke_image_size, extra)
     else:
-        full(args.cifar100_root, args.imagenet_root, args.teacher_dir, args.rows, args.output_dir)
+        full(args.cifar100_root, args.imagenet_root, args.teacher_dir, args.rows, args.output_dir, extra)
 
 
 if __name__ == "__main__":

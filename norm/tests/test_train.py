@@ -137,3 +137,21 @@ def test_missing_teacher_and_wrong_dataset_path(tmp_path: Path) -> None:
 def test_official_cosine_formula() -> None:
     assert official_lr(0, 0.1, "cos", 100, iters_per_epoch=5005) == 0.1
     assert math.isclose(official_lr(50, 0.1, "cos", 100, iters_per_epoch=1), 0.05 * (1 + math.cos(math.pi)))
+
+
+def test_reproduce_full_mode_runs_a_row_with_a_released_teacher(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from common.data import write_synthetic_cifar
+    from norm.reproduce import main as reproduce
+
+    root = write_synthetic_cifar(tmp_path / "cifar", 100, train_per_class=1, test_per_class=1)
+    (tmp_path / "teachers" / "resnet56_vanilla").mkdir(parents=True)
+    torch.save({"model": create_model("resnet56", 100).state_dict(), "epoch": 240},  # RepDistiller layout
+               tmp_path / "teachers" / "resnet56_vanilla" / "ckpt_epoch_240.pth")
+    reproduce([f"data.root={root}", "--teacher-dir", str(tmp_path / "teachers"), "--rows",
+               "cifar100_resnet56_resnet20", "--output-dir", str(tmp_path / "out"), "trainer.epochs=1",
+               "trainer.max_steps=1", "trainer.global_batch=16", "trainer.workers=0", "trainer.log_every=1"])
+    out = capsys.readouterr().out
+    assert "| cifar100_resnet56_resnet20 | top1 | 71.35 |" in out  # the paper-vs-ours table
+    result = json.loads(next((tmp_path / "out").rglob("result.json")).read_text())
+    assert result["profile"] == "full" and result["row"] == "cifar100_resnet56_resnet20"
