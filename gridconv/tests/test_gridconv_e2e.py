@@ -110,3 +110,26 @@ def test_eval_needs_a_checkpoint(tmp_path: Path) -> None:
     cfg = compose(CONFIG_DIR, [*TINY, f"output_dir={tmp_path}", f"checkpoint={bad}"])
     with pytest.raises(UserError, match="corrupt"):
         eval_run(cfg)
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [*TINY, "experiment=gt_dgridconv_handcrafted", f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path}",
+            f"hydra.run.dir={run_dir}", "train.epochs=50", "train.log_every=1", "train.global_batch=20"]
+    env = {k: v for k, v in os.environ.items() if k != "OSVAI_TRACEBACK"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gridconv.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "metrics.jsonl").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    saved = torch.load(run_dir / "last.pt", weights_only=True)
+    assert saved["state"]["global_step"] >= 1 and saved["state"]["epoch"] < 50
+    assert not (run_dir / "result.json").exists()
+    again = cli("gridconv.train", *args, "train.epochs=1")
+    assert again.returncode == 0 and (run_dir / "result.json").is_file(), again.stderr[-2000:]
