@@ -6,8 +6,9 @@ Human3.6M, two accepted layouts under ``<root>``:
    by ``(subject, action, "<sequence>.<camera id>")``; 2D values (N, 34) pixels, 3D values dicts with
    ``joint_3d`` (N, 51) camera-frame millimetres, root-relative;
 2. the VideoPose3D files ``<root>/data_3d_h36m.npz`` with ``data_2d_h36m_<input>.npz`` (``gt``, or ``cpn``
-   for ``data_2d_h36m_cpn_ft_h36m_dbb.npz``), converted on the fly (32 -> 17 joints, world -> camera
-   with the standard Human3.6M extrinsics, metres -> millimetres, minus the pelvis).
+   for ``data_2d_h36m_cpn_ft_h36m_dbb.npz``) or, for ``hrnet``, EvoSkeleton's ``twoDPose_HRN_{train,test}.npy``,
+   converted on the fly (32 -> 17 joints, world -> camera with the standard Human3.6M extrinsics, metres
+   -> millimetres, minus the pelvis).
 
 Both are read without unrestricted unpickling. Samples are normalised as the official reader does:
 2D ``(u - 500) / 500``, 3D millimetres / 1000. Exclusions: S11 ``Directions`` always; the 12 drifting S9
@@ -36,6 +37,8 @@ TRAIN_SUBJECTS = ("S1", "S5", "S6", "S7", "S8")
 TEST_SUBJECTS = ("S9", "S11")
 ACTIONS = ("Directions", "Discussion", "Eating", "Greeting", "Phoning", "Photo", "Posing", "Purchases",
            "Sitting", "SittingDown", "Smoking", "Waiting", "WalkDog", "Walking", "WalkTogether")
+# Original Human3.6M file names of two actions (some S1 files) -> the 15 protocol action names.
+ACTION_ALIASES = {"TakingPhoto": "Photo", "WalkingDog": "WalkDog"}
 # S9 files with known ground-truth drift, dropped from testing with detected 2D inputs.
 S9_DRIFT_FILES = frozenset(f"{seq}.{cam}" for seq in ("Waiting 1", "Greeting", "SittingDown 1")
                            for cam in CAMERA_IDS)
@@ -116,27 +119,55 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
+def _read_npy(fp: io.BytesIO) -> Any:
+    version = np.lib.format.read_magic(fp)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    _, _, dtype = read_header(fp)
+    if dtype.hasobject:
+        arr = _NumpyOnlyUnpickler(fp, encoding="latin1").load()
+    else:
+        fp.seek(0)
+        arr = np.lib.format.read_array(fp, allow_pickle=False)
+    arr = np.asarray(arr)
+    return arr.item() if arr.shape == () and arr.dtype.hasobject else arr
+
+
 def load_npz_object(path: Path, key: str) -> Any:
-    """The pickled object stored as ``key`` in an ``.npz`` file, read with a numpy-only unpickler."""
+    """The object stored as ``key`` in an ``.npz`` file, read with a numpy-only unpickler."""
     if not path.is_file():
         raise DatasetError(f"{path} not found; {LAYOUT_HELP}")
     try:
         with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as raw:
-            fp = io.BytesIO(raw.read())
-        version = np.lib.format.read_magic(fp)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        _, _, dtype = read_header(fp)
-        if dtype.hasobject:
-            arr = _NumpyOnlyUnpickler(fp, encoding="latin1").load()
-        else:
-            fp.seek(0)
-            arr = np.lib.format.read_array(fp, allow_pickle=False)
+            return _read_npy(io.BytesIO(raw.read()))
     except (KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         raise DatasetError(f"{path}: cannot read entry {key!r} ({err}); expected a VideoPose3D .npz") \
             from None
-    arr = np.asarray(arr)
-    return arr.item() if arr.shape == () else arr
+
+
+def load_npy_object(path: Path) -> Any:
+    """The object stored in an ``.npy`` file (e.g. EvoSkeleton's detection dicts), numpy-only unpickling."""
+    if not path.is_file():
+        raise DatasetError(f"{path} not found; {LAYOUT_HELP}")
+    try:
+        return _read_npy(io.BytesIO(path.read_bytes()))
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError) as err:
+        raise DatasetError(f"{path}: cannot read it ({err}); expected EvoSkeleton's twoDPose_HRN_*.npy") \
+            from None
+
+
+def evoskeleton_detections(path: Path) -> dict[tuple[str, str, str], np.ndarray]:
+    """EvoSkeleton's HRNet detections: a dict keyed by (subject number, action, "<sequence>.<camera>...")
+    with (N, 64) pixels of the 32 Human3.6M joints -> {(subject, sequence, camera id): (N, 17, 2)}."""
+    raw = load_npy_object(path)
+    if not isinstance(raw, Mapping):
+        raise DatasetError(f"{path}: expected a dict of detections keyed by (subject, action, file)")
+    out = {}
+    for (subject, _, fname), value in raw.items():
+        sequence, camera = str(fname).split(".")[:2]
+        kps = np.asarray(value, dtype=np.float64).reshape(-1, 32, 2)[:, list(VIDEOPOSE3D_JOINTS)]
+        out[(f"S{subject}" if not str(subject).startswith("S") else str(subject), sequence, camera)] = kps
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,12 +186,19 @@ def official_records(root: Path, split: str) -> tuple[dict, dict]:
     return data_2d, data_3d
 
 
-def videopose3d_records(root: Path, input_2d: str, subjects: Sequence[str]) -> tuple[dict, dict]:
-    """VideoPose3D ``.npz`` files in the official layout (pixels; camera-frame mm, root-relative)."""
-    if input_2d not in VIDEOPOSE3D_2D:
-        raise DatasetError(f"data.input={input_2d}: VideoPose3D 2D files exist for {sorted(VIDEOPOSE3D_2D)}")
+def videopose3d_records(root: Path, input_2d: str, subjects: Sequence[str], split: str) -> tuple[dict, dict]:
+    """VideoPose3D ``.npz`` files in the official layout (pixels; camera-frame mm, root-relative).
+
+    2D: ``data_2d_h36m_<gt|cpn...>.npz``, or for ``hrnet`` EvoSkeleton's ``twoDPose_HRN_<split>.npy``.
+    """
+    if input_2d not in VIDEOPOSE3D_2D and input_2d != "hrnet":
+        raise DatasetError(f"data.input={input_2d}: with VideoPose3D files use one of "
+                           f"{sorted(VIDEOPOSE3D_2D) + ['hrnet']}")
     pos3d = load_npz_object(root / "data_3d_h36m.npz", "positions_3d")
-    pos2d = load_npz_object(root / VIDEOPOSE3D_2D[input_2d], "positions_2d")
+    if input_2d == "hrnet":
+        detections = evoskeleton_detections(root / f"twoDPose_HRN_{split}.npy")
+    else:
+        pos2d = load_npz_object(root / VIDEOPOSE3D_2D[input_2d], "positions_2d")
     data_2d: dict = {}
     data_3d: dict = {}
     for subject in subjects:
@@ -168,8 +206,14 @@ def videopose3d_records(root: Path, input_2d: str, subjects: Sequence[str]) -> t
             world = torch.from_numpy(np.asarray(world, dtype=np.float64))[:, list(VIDEOPOSE3D_JOINTS)]
             for cam_index, cam_id in enumerate(CAMERA_IDS):
                 cam = world_to_camera(world, subject, cam_index) * 1000.0  # metres -> mm
-                kps = torch.from_numpy(np.asarray(pos2d[subject][sequence][cam_index], dtype=np.float64))
-                kps = kps[: cam.shape[0]]
+                if input_2d == "hrnet":
+                    if (subject, sequence, cam_id) not in detections:
+                        continue  # no detections for this view
+                    kps = torch.from_numpy(detections[(subject, sequence, cam_id)])
+                else:
+                    kps = torch.from_numpy(np.asarray(pos2d[subject][sequence][cam_index], dtype=np.float64))
+                n = min(len(kps), cam.shape[0])  # 2D may be longer than 3D: truncate
+                kps, cam = kps[:n], cam[:n]
                 key = (subject, sequence.split(" ")[0], f"{sequence}.{cam_id}")
                 data_2d[key] = kps.reshape(-1, 34)
                 data_3d[key] = {"joint_3d": (cam - cam[:, :1]).reshape(-1, 51), "pelvis": cam[:, 0]}
@@ -189,7 +233,7 @@ def read_h36m(root: str | Path, split: str, input_2d: str = "gt",
     if (root / input_2d / OFFICIAL_FILES[0].format(split=split)).is_file():
         data_2d, data_3d = official_records(root / input_2d, split)
     elif (root / "data_3d_h36m.npz").is_file():
-        data_2d, data_3d = videopose3d_records(root, input_2d, subjects)
+        data_2d, data_3d = videopose3d_records(root, input_2d, subjects, split)
     else:
         raise DatasetError(f"no Human3.6M data for input '{input_2d}' under {root}; {LAYOUT_HELP}")
     if exclude_drift is None:
@@ -211,7 +255,8 @@ def read_h36m(root: str | Path, split: str, input_2d: str = "gt",
         p2d.append(kp2d.reshape(-1, 17, 2))
         p3d.append(kp3d.reshape(-1, 17, 3))
         n = kp2d.shape[0]
-        actions += [sequence.split(" ")[0]] * n
+        action = sequence.split(" ")[0]
+        actions += [ACTION_ALIASES.get(action, action)] * n
         subs += [subject] * n
         files += [fname] * n
     if not p2d:

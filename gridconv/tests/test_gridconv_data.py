@@ -148,3 +148,14 @@ def test_mpi3dhp_reader(tmp_path: Path) -> None:
     torch.testing.assert_close(data.pose2d[2, 0], torch.tensor((part[2, 14, :2] - 960) / 960).float())
     with pytest.raises(DatasetError, match="not found"):
         read_mpi3dhp(tmp_path / "missing.npz")
+
+
+def test_evoskeleton_hrnet_detections_with_videopose3d_3d(tmp_path: Path) -> None:
+    world32 = np.random.default_rng(0).normal(0, 0.3, (5, 32, 3))
+    _write_npz(tmp_path / "data_3d_h36m.npz", positions_3d={"S9": {"Walking 1": world32}})
+    pixels32 = np.arange(6 * 64, dtype=np.float64).reshape(6, 64)  # one frame longer than the 3D
+    np.save(tmp_path / "twoDPose_HRN_test.npy", {(9, "Walking", "Walking 1.55011271.h5"): pixels32})
+    test = read_h36m(tmp_path, "test", "hrnet")
+    assert len(test) == 5 and set(test.files) == {"Walking 1.55011271"} and set(test.actions) == {"Walking"}
+    expected = pixels32[:5].reshape(5, 32, 2)[:, [0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 15, 17, 18, 19, 25, 26, 27]]
+    torch.testing.assert_close(test.pose2d, torch.from_numpy((expected - 500) / 500).float())
