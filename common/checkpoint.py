@@ -14,7 +14,9 @@ import os
 import pickle
 import random
 import signal
+import struct
 import tempfile
+import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -40,6 +42,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; teammates on a cluster need to read it
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -75,7 +80,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"checkpoint {path} holds objects other than tensors ({found.group(1)}); if it is an official "
             "checkpoint, load it through the paper's convert.py"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, struct.error, zipfile.BadZipFile) as err:
         raise UserError(
             f"checkpoint {path} is corrupt or not a torch checkpoint ({type(err).__name__}); "
             "re-download or re-save it"
@@ -134,9 +139,29 @@ class OpaqueObject:
         self.args = args
         self.kwargs = kwargs
         self.state: Any = None
+        self.mapping: dict[Any, Any] = {}  # what a dict subclass (EasyDict, CfgNode ...) held
+        self.sequence: list[Any] = []  # what a list subclass held
+
+    def __getattr__(self, name: str) -> Any:
+        # pickle may build the object with __new__ alone (NEWOBJ), skipping __init__
+        defaults: dict[str, Any] = {"args": (), "kwargs": {}, "state": None, "mapping": {}, "sequence": []}
+        if name not in defaults:
+            raise AttributeError(name)
+        value = defaults[name]
+        object.__setattr__(self, name, value)
+        return value
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.mapping[key] = value
+
+    def append(self, value: Any) -> None:
+        self.sequence.append(value)
+
+    def extend(self, values: Iterable[Any]) -> None:
+        self.sequence.extend(values)
 
     def __repr__(self) -> str:
         return f"<opaque {getattr(self, 'qualname', '?')}>"
@@ -148,6 +173,7 @@ def _opaque_class(module: str, name: str) -> type:
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol-2 names
         if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
         if module == "torch" and name in _STORAGE_NAMES:
@@ -170,15 +196,20 @@ class _RestrictedPickleModule:
     __name__ = "osvai_restricted_pickle"
 
 
-def load_foreign(path: str | os.PathLike) -> Any:
-    """Unpickle an official checkpoint without running its code (see module docstring)."""
+def load_foreign(path: str | os.PathLike, encoding: str | None = None) -> Any:
+    """Unpickle an official checkpoint without running its code (see module docstring).
+
+    `encoding="latin1"` reads Python-2-era pickles that hold numpy arrays.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of the downloaded file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
+        extra = {"encoding": encoding} if encoding else {}
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule,
+                          **extra)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError,
-            AttributeError) as err:
+            AttributeError, ImportError, struct.error, zipfile.BadZipFile) as err:
         raise UserError(
             f"checkpoint {path} is corrupt or not a torch checkpoint ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:100] if str(err) else ''}); re-download it"
@@ -187,6 +218,44 @@ def load_foreign(path: str | os.PathLike) -> Any:
 
 _STATE_KEYS = ("state_dict", "model", "model_state_dict", "model_state", "net", "module", "params",
                "student", "network")
+
+
+def _module_tensors(obj: OpaqueObject, prefix: str = "") -> OrderedDict[str, torch.Tensor] | None:
+    """The state_dict of a whole pickled `nn.Module` (`torch.save(model)`), rebuilt from its attributes."""
+    st = obj.state
+    if not (isinstance(st, Mapping) and "_parameters" in st and "_modules" in st):
+        return None
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, p in (st.get("_parameters") or {}).items():
+        if isinstance(p, torch.Tensor):
+            out[prefix + name] = p.detach()
+    skip = set(st.get("_non_persistent_buffers_set") or ())
+    for name, b in (st.get("_buffers") or {}).items():
+        if isinstance(b, torch.Tensor) and name not in skip:
+            out[prefix + name] = b
+    for name, child in (st.get("_modules") or {}).items():
+        if isinstance(child, OpaqueObject):
+            out.update(_module_tensors(child, f"{prefix}{name}.") or {})
+    return out
+
+
+def _unwrap(obj: Any) -> Any:
+    """A placeholder as the mapping it stands for: a module's tensors, a dict subclass's items, or its state."""
+    if not isinstance(obj, OpaqueObject):
+        return obj
+    tensors = _module_tensors(obj)
+    if tensors is not None:
+        return tensors
+    if obj.mapping:
+        return obj.mapping
+    return obj.state
+
+
+def _tensorise(obj: Any) -> Any:
+    """numpy arrays in a mapping become tensors (some official checkpoints store weights as numpy)."""
+    if isinstance(obj, Mapping):
+        return {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in obj.items()}
+    return obj
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -201,24 +270,21 @@ def extract_state_dict(obj: Any, key: str | None = None) -> OrderedDict[str, tor
     `key` names the entry to use (e.g. "state_dict" or "ema"); by default the usual names are tried
     in order. A leading `module.` (DataParallel / DDP) is stripped.
     """
-    if isinstance(obj, OpaqueObject) and isinstance(obj.state, Mapping):
-        obj = obj.state
+    obj = _tensorise(_unwrap(obj))
     found: Any = None
     if key is not None:
         if not isinstance(obj, Mapping) or key not in obj:
             keys = list(obj.keys()) if isinstance(obj, Mapping) else type(obj).__name__
             raise UserError(f"checkpoint has no entry {key!r}; its top-level entries are {keys}")
-        found = obj[key]
+        found = _tensorise(_unwrap(obj[key]))
+        if not isinstance(found, Mapping):
+            raise UserError(f"checkpoint entry {key!r} holds a {type(found).__name__}, not a state_dict")
     elif _is_state_dict(obj):
         found = obj
     elif isinstance(obj, Mapping):
         for k in _STATE_KEYS:
             if k in obj:
-                inner = obj[k]
-                if isinstance(inner, nn.Module):  # never happens with the restricted loader
-                    inner = inner.state_dict()
-                if isinstance(inner, OpaqueObject):
-                    inner = inner.state if isinstance(inner.state, Mapping) else None
+                inner = _unwrap(obj[k])
                 if isinstance(inner, Mapping):
                     try:
                         return extract_state_dict(inner)
@@ -241,9 +307,10 @@ def extract_state_dict(obj: Any, key: str | None = None) -> OrderedDict[str, tor
     return out
 
 
-def load_foreign_state_dict(path: str | os.PathLike, key: str | None = None) -> OrderedDict[str, torch.Tensor]:
+def load_foreign_state_dict(path: str | os.PathLike, key: str | None = None,
+                            encoding: str | None = None) -> OrderedDict[str, torch.Tensor]:
     """Restricted-load an official checkpoint and return its model tensors (see `extract_state_dict`)."""
-    return extract_state_dict(load_foreign(path), key)
+    return extract_state_dict(load_foreign(path, encoding), key)
 
 
 def to_plain(obj: Any) -> Any:
@@ -329,6 +396,12 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 LAST = "last.pt"
 FINISHED = "FINISHED"  # marker a run directory gets when its training ended normally
+RESUMED_BY = "RESUMED_BY"  # marker: another run directory has continued this one
+
+
+def claim_resumed(source: Path, by: Path) -> None:
+    """Mark `source` as continued by `by`, so `resume=auto` never picks it up a second time."""
+    (Path(source) / RESUMED_BY).write_text(f"{by}\n")
 
 
 class Checkpointer:
@@ -357,7 +430,9 @@ def find_resume(run_dir: str | os.PathLike, resume: str | None) -> Path | None:
 
     * `None`, "", "none", "false": start fresh.
     * "auto": this run directory's `last.pt`, else the newest `last.pt` among sibling runs of the
-      same experiment (`<run_dir>/../*/last.pt`) that did not finish, else start fresh.
+      same experiment (`<run_dir>/../*/last.pt`) that did not finish and was not resumed already
+      (never across the jobs of a Hydra sweep), else start fresh. The trainer then refuses a
+      checkpoint written with another global batch, length or seed.
     * anything else: a path that must exist.
     """
     if resume is None or str(resume).lower() in ("", "none", "false", "null"):
@@ -366,9 +441,11 @@ def find_resume(run_dir: str | os.PathLike, resume: str | None) -> Path | None:
     if str(resume).lower() == "auto":
         if (run_dir / LAST).is_file():
             return run_dir / LAST
+        if run_dir.parent.name.startswith("multirun"):  # sweep jobs are siblings but different runs
+            return None
         candidates = sorted(run_dir.parent.glob(f"*/{LAST}"), key=lambda p: p.stat().st_mtime, reverse=True)
         for cand in candidates:
-            if not any((cand.parent / marker).exists() for marker in (FINISHED, "result.json")):
+            if not any((cand.parent / m).exists() for m in (FINISHED, RESUMED_BY, "result.json")):
                 return cand
         return None
     path = Path(resume)

@@ -59,6 +59,7 @@ class ScheduleConfig:
     milestones: list[int] = field(default_factory=list)  # multistep
     decay_rate: float = 0.1
     per_step: bool = True  # update the lr every optimizer step (else at epoch boundaries)
+    warmup_prefix: bool = False  # False (timm/DeiT): the decay curve counts the warmup epochs; True: starts after
 
 
 @dataclass
@@ -82,6 +83,18 @@ class TrainerConfig:
     seed: int = 0
     resume: str = "auto"  # auto | none | <path to last.pt>
     compile: bool = False
+    ddp_find_unused_parameters: bool = False  # for methods whose extra parts skip some steps
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "global_batch", "log_every", "eval_every"):
+            if getattr(self, key) < 1:
+                raise UserError(f"config trainer.{key}={getattr(self, key)}: must be at least 1")
+        for key in ("max_device_batch", "max_steps"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise UserError(f"config trainer.{key}={value}: must be at least 1 (or null)")
+        if self.workers < 0 or self.ckpt_every_steps < 0:
+            raise UserError("config trainer.workers and trainer.ckpt_every_steps must not be negative")
 
 
 @dataclass

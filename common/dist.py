@@ -90,7 +90,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
         return DistEnv(device=dev)
     rank, world, local = launched
     if use_cuda:
-        dev = torch.device("cuda", local)
+        # SLURM with --gpus-per-task shows each task one device: local rank modulo what is visible
+        dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
@@ -134,6 +135,10 @@ def batch_plan(global_batch: int, world_size: int = 1, max_per_device: int | Non
     accum = math.ceil(per_rank / cap)
     while per_rank % accum:
         accum += 1
+    if per_rank // accum < min(cap, per_rank) / 2:
+        raise UserError(f"global batch {global_batch} on {world_size} process(es) with at most {cap} per device "
+                        f"splits only into micro-batches of {per_rank // accum}; choose a global batch with "
+                        "more divisors")
     return BatchPlan(global_batch, per_rank // accum, accum, world_size)
 
 

@@ -18,7 +18,6 @@ EMA, RNG states, epoch, step and sampler position), and a save-and-exit on SIGTE
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -36,6 +35,7 @@ from common.checkpoint import (
     Checkpointer,
     StopSignal,
     capture_rng_state,
+    claim_resumed,
     find_resume,
     load_checkpoint,
     restore_rng_state,
@@ -208,6 +208,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epoch
     from timm.scheduler import create_scheduler_v2
 
     check_choice("schedule.name", cfg.name, ("cosine", "step", "multistep", "constant"))
+    # Milestones mean what torch's MultiStepLR means: the lr drops at the start of epoch m. timm drops
+    # when t + 1 >= milestone, one unit early, so each milestone is moved half a unit later.
+    half = 0.5 if not cfg.per_step else 0.5 / max(steps_per_epoch, 1)
+    milestones = [m + half for m in cfg.milestones] or [30 + half, 60 + half]
     if cfg.name == "constant" and cfg.warmup_epochs == 0:
         return None
     sched, _ = create_scheduler_v2(
@@ -215,12 +219,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epoch
         sched="step" if cfg.name == "constant" else cfg.name,
         num_epochs=epochs,
         decay_epochs=cfg.decay_epochs if cfg.name != "constant" else 10**9,
-        decay_milestones=list(cfg.milestones) or (30, 60),
+        decay_milestones=milestones,
         decay_rate=cfg.decay_rate if cfg.name != "constant" else 1.0,
         min_lr=cfg.min_lr,
         warmup_lr=cfg.warmup_lr,
         warmup_epochs=cfg.warmup_epochs,
-        warmup_prefix=False,
+        warmup_prefix=cfg.warmup_prefix,
         cooldown_epochs=0,
         step_on_epochs=not cfg.per_step,
         updates_per_epoch=steps_per_epoch,
@@ -254,6 +258,7 @@ class Trainer:
         num_classes: int | None = None,
         config_dict: Mapping[str, Any] | None = None,
         primary_metric: str = "top1",
+        primary_higher_is_better: bool = True,
     ) -> None:
         self.cfg = trainer
         self.env = env or DistEnv()
@@ -263,6 +268,7 @@ class Trainer:
         self.val_set = val_set
         self.collate_fn = collate_fn
         self.primary = primary_metric
+        self.primary_higher = primary_higher_is_better
         lcfg = logger_cfg or LoggerConfig()
         self.logger = logger or RunLogger(self.run_dir, config_dict, self.env.is_main, lcfg.wandb_mode,
                                           lcfg.project, name=self.run_dir.name)
@@ -298,6 +304,10 @@ class Trainer:
                 raise UserError("mixup/cutmix need the number of classes; set data.num_classes")
             from timm.data import Mixup
 
+            if self.plan.per_device % 2:
+                raise UserError(f"mixup/cutmix need an even per-device batch, got {self.plan.per_device}; "
+                                "change trainer.global_batch or trainer.max_device_batch")
+
             self.mixup = Mixup(mixup_alpha=trainer.mixup, cutmix_alpha=trainer.cutmix,
                                label_smoothing=trainer.label_smoothing, num_classes=num_classes)
         self.evaluate_fn = evaluate_fn
@@ -307,12 +317,13 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            self.step_module = DDP(self.step_module, device_ids=ids)
+            self.step_module = DDP(self.step_module, device_ids=ids,
+                                   find_unused_parameters=trainer.ddp_find_unused_parameters)
         if trainer.compile:
             self.step_module = torch.compile(self.step_module)  # type: ignore[assignment]
         self.checkpointer = Checkpointer(self.run_dir, enabled=self.env.is_main)
         self.epoch = 0
-        self.micro = 0  # micro-batches done in the current epoch
+        self.micro = 0  # micro-batches done in the current epoch (a multiple of accum at save points)
         self.global_step = 0
         self.best: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -326,15 +337,33 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": capture_rng_state(),
+            "rng": self._gather_rng(),
             "epoch": self.epoch,
-            "micro": self.micro,
+            "step_in_epoch": self.micro // self.plan.accum_steps,
             "global_step": self.global_step,
             "best": dict(self.best),
             "history": list(self.history),
             "extra": extra() if callable(extra) else None,
             "trainer": asdict(self.cfg),
         }
+
+    def _gather_rng(self) -> Any:
+        rng = capture_rng_state()
+        if not self.env.distributed:
+            return rng
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(states, rng)
+        return states
+
+    def _check_compatible(self, state: Mapping[str, Any], path: Path) -> None:
+        """A checkpoint continues only the same recipe: refuse one from another global batch, length or seed."""
+        saved = state.get("trainer") or {}
+        for key in ("global_batch", "epochs", "seed"):
+            if key in saved and saved[key] != getattr(self.cfg, key):
+                raise UserError(f"{path} was written with trainer.{key}={saved[key]}, this run has "
+                                f"{getattr(self.cfg, key)}; resume with the same value or set trainer.resume=none")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.method.load_state_dict(state["model"])
@@ -347,9 +376,14 @@ class Trainer:
         load_extra = getattr(self.method, "load_extra_state", None)
         if callable(load_extra) and state.get("extra") is not None:
             load_extra(state["extra"])
-        restore_rng_state(state["rng"])
+        rng = state["rng"]
+        if isinstance(rng, list):  # one state per rank
+            rng = rng[self.env.rank] if len(rng) == self.env.world_size else rng[0]
+        restore_rng_state(rng)
         self.epoch = int(state["epoch"])
-        self.micro = int(state["micro"])
+        # Saved in optimizer steps, so a resume with another world size or accumulation stays exact:
+        # every rank's shard is a stride of the epoch order, and a prefix of steps is a prefix of it.
+        self.micro = int(state["step_in_epoch"]) * self.plan.accum_steps
         self.global_step = int(state["global_step"])
         self.best = dict(state.get("best") or {})
         self.history = list(state.get("history") or [])
@@ -381,6 +415,12 @@ class Trainer:
         """Validation metrics; the training RNG streams are left exactly as they were."""
         if self.val_set is None:
             return {}
+        if self.env.distributed:  # every rank scores the same model: rank 0's BN statistics
+            import torch.distributed as dist
+
+            for module in (_eval_model(self.method), self.ema.module if self.ema is not None else None):
+                for buf in module.buffers() if module is not None else ():
+                    dist.broadcast(buf, 0)
         rng = capture_rng_state()
         try:
             return self._evaluate()
@@ -401,7 +441,11 @@ class Trainer:
         cfg = self.cfg
         resume = find_resume(self.run_dir, cfg.resume)
         if resume is not None:
-            self.load_state_dict(load_checkpoint(resume))  # on CPU: RNG states must stay there
+            state = load_checkpoint(resume)  # on CPU: RNG states must stay there
+            self._check_compatible(state, resume)
+            self.load_state_dict(state)
+            if self.env.is_main and resume.parent != self.run_dir:
+                claim_resumed(resume.parent, self.run_dir)
             self.logger.info(f"resumed from {resume} at epoch {self.epoch}, step {self.global_step}")
         else:
             seed_everything(cfg.seed + self.env.rank)
@@ -457,7 +501,7 @@ class Trainer:
                         meters, seen, steps_since_log, t_log = {}, 0, 0, time.time()
                     if cfg.ckpt_every_steps and self.global_step % cfg.ckpt_every_steps == 0:
                         self.save()
-                    if stop.requested:
+                    if self._stop_requested(stop):
                         self.save()
                         self.logger.info(f"signal {stop.signum}: saved {self.checkpointer.last}; "
                                          "resume with trainer.resume=auto")
@@ -465,27 +509,46 @@ class Trainer:
                     if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
                         break
                 reached_max = cfg.max_steps is not None and self.global_step >= cfg.max_steps
-                if not reached_max:  # a finished epoch
+                if self.micro // accum >= self.steps_per_epoch:  # a finished epoch
                     self.epoch += 1
                     self.micro = 0
                 if reached_max or self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
                     last_metrics = self.evaluate()
-                    for k, v in last_metrics.items():
-                        if not k.startswith("loss"):
-                            self.best[k] = max(self.best.get(k, -math.inf), v)
+                    is_best = self._update_best(last_metrics)
                     self.history.append({"epoch": self.epoch, **last_metrics})
                     self.logger.log({"epoch": self.epoch, **{f"val_{k}": v for k, v in last_metrics.items()}},
                                     step=self.global_step)
                     self.logger.info(f"epoch {self.epoch}/{cfg.epochs} step {self.global_step} " +
                                      " ".join(f"{k}={v:.3f}" for k, v in last_metrics.items()))
-                    primary = last_metrics.get(self.primary)
-                    if primary is not None and primary >= self.best.get(self.primary, -math.inf):
+                    if is_best:
                         self.checkpointer.save({"model": _eval_model(self.method).state_dict(),
                                                 "epoch": self.epoch, "metrics": last_metrics}, "best.pt")
                 self.save()
                 if reached_max:
                     break
         return self._finish(last_metrics)
+
+    def _update_best(self, metrics: Mapping[str, float]) -> bool:
+        """Track the best value of every metric (losses and lower-is-better primaries: the minimum);
+        True when the primary metric improved."""
+        improved = False
+        for k, v in metrics.items():
+            lower = "loss" in k or (k == self.primary and not self.primary_higher)
+            old = self.best.get(k)
+            if old is None or (v < old if lower else v > old):
+                self.best[k] = v
+                improved |= k == self.primary
+        return improved
+
+    def _stop_requested(self, stop: StopSignal) -> bool:
+        """SIGTERM seen by any rank stops every rank at the same step (one tiny all-reduce under DDP)."""
+        if not self.env.distributed:
+            return stop.requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(stop.requested)], device=self.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _optimizer_step(self) -> None:
         if self.cfg.clip_grad:
@@ -507,4 +570,6 @@ class Trainer:
         out = dict(metrics)
         out.update({f"best_{k}": v for k, v in self.best.items() if k in metrics})
         out["steps"] = float(self.global_step)
+        # 0 when max_steps cut the recipe short: the report keeps such runs out of the paper table
+        out["complete"] = float(self.global_step >= self.total_steps)
         return out

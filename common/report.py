@@ -147,7 +147,10 @@ def paper_report(paper: str, outputs: str | os.PathLike = "outputs",
     full: dict[str, list[dict[str, Any]]] = defaultdict(list)
     smoke: list[dict[str, Any]] = []
     for r in results:
-        (smoke if r.get("profile") == "smoke" else full[str(r.get("row") or r.get("experiment"))]).append(r)
+        if r.get("profile") == "smoke":
+            smoke.append(r)
+        elif r["metrics"].get("complete", 1.0) == 1.0:  # runs cut short by max_steps are not the recipe
+            full[str(r.get("row") or r.get("experiment"))].append(r)
 
     lines = [f"## {table.title}", "", "| row | metric | paper | ours | Δ | status |", "|---|---|---|---|---|---|"]
     for row in table.rows:
@@ -164,7 +167,7 @@ def paper_report(paper: str, outputs: str | os.PathLike = "outputs",
         lines += ["", "Smoke runs (synthetic data, reduced sizes: not comparable with the paper's numbers):", "",
                   "| experiment | metrics | run |", "|---|---|---|"]
         for r in smoke:
-            shown = ", ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items())
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items() if k != "complete")
             lines.append(f"| {r.get('experiment')} | {shown} | {Path(r['_path']).parent.name} |")
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from common.checkpoint import (
     OpaqueObject,
     atomic_save,
     capture_rng_state,
+    claim_resumed,
     extract_state_dict,
     find_resume,
     load_checkpoint,
@@ -122,6 +123,26 @@ def test_foreign_loader_legacy_format_and_errors(tmp_path: Path) -> None:
         load_foreign_state_dict(tmp_path / "missing.pth")
 
 
+class _AttrDict(dict):
+    """Like EasyDict / yacs CfgNode: a dict subclass the restricted loader must not import."""
+
+
+def test_foreign_loader_whole_module_dict_subclass_and_numpy(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model.register_buffer("scratch", torch.ones(1), persistent=False)
+    torch.save(model, tmp_path / "module.pth")  # the whole module pickled
+    sd = load_foreign_state_dict(tmp_path / "module.pth")
+    assert list(sd) == list(model.state_dict())
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    torch.save({"cfg": _AttrDict(lr=0.1), "model": model}, tmp_path / "wrapped.pth")
+    assert list(load_foreign_state_dict(tmp_path / "wrapped.pth", key="model")) == list(model.state_dict())
+    torch.save({"state_dict": {"w": np.ones((2, 2), np.float32)}}, tmp_path / "numpy.pth")
+    assert torch.equal(load_foreign_state_dict(tmp_path / "numpy.pth")["w"], torch.ones(2, 2))
+    torch.save({"epoch": 3}, tmp_path / "noweights.pth")
+    with pytest.raises(UserError, match="holds a int, not a state_dict"):
+        load_foreign_state_dict(tmp_path / "noweights.pth", key="epoch")
+
+
 def test_extract_state_dict_variants() -> None:
     t = torch.zeros(1)
     assert list(extract_state_dict({"a": t})) == ["a"]
@@ -169,5 +190,12 @@ def test_find_resume(tmp_path: Path) -> None:
     assert find_resume(run_b, "auto") is None  # finished runs are not resumed
     atomic_save({}, run_b / "last.pt")
     assert find_resume(run_b, "auto") == run_b / "last.pt"
+    run_c, run_d = tmp_path / "exp2" / "c", tmp_path / "exp2" / "d"
+    atomic_save({}, run_c / "last.pt")
+    claim_resumed(run_c, run_d)
+    assert find_resume(run_d, "auto") is None  # already continued once
+    sweep = exp / "multirun-1" / "1"
+    atomic_save({}, exp / "multirun-1" / "0" / "last.pt")
+    assert find_resume(sweep, "auto") is None  # a sweep's jobs are different runs
     with pytest.raises(UserError, match="no such checkpoint"):
         find_resume(run_b, str(tmp_path / "x.pt"))

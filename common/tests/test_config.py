@@ -38,6 +38,12 @@ def test_validate_names_the_key() -> None:
         check_choice("x", "c", ("a", "b"))
 
 
+def test_trainer_values_are_checked() -> None:
+    for bad in ({"log_every": 0}, {"global_batch": -4}, {"eval_every": 0}, {"max_steps": 0}):
+        with pytest.raises(UserError, match=f"trainer.{next(iter(bad))}"):
+            validate(bad, TrainerConfig, "trainer.")
+
+
 def test_compose_unknown_key_is_one_line() -> None:
     with pytest.raises(UserError, match="trainer.nope") as err:
         compose(CONFIG_DIR, ["trainer.nope=1"])

@@ -27,6 +27,8 @@ def test_batch_plan() -> None:
     assert (plan.per_device, plan.accum_steps) == (32, 3)
     with pytest.raises(UserError, match="not divisible by 3 processes"):
         batch_plan(256, 3)
+    with pytest.raises(UserError, match="micro-batches of 1"):
+        batch_plan(254, 2, max_per_device=100)
 
 
 def test_scale_lr() -> None:

@@ -71,11 +71,33 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path: Path, workers: int) -> None
     # Stop after 4 optimizer steps (mid-epoch 0: 6 steps per epoch), then continue in the same run dir.
     first = _trainer(tmp_path / "cut", workers, max_steps=4)
     first.fit()
-    assert load_checkpoint(tmp_path / "cut" / "last.pt")["micro"] == 8  # 4 steps x 2 accumulated
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step_in_epoch"] == 4
     resumed = _trainer(tmp_path / "cut", workers, resume="auto")
     resumed_metrics = resumed.fit()
     _assert_same(full, resumed)
     assert resumed_metrics["top1"] == full_metrics["top1"]
+
+
+def test_resume_with_other_accumulation_trains_the_same_steps(tmp_path: Path) -> None:
+    """Stopped with 2 x 8 accumulation, resumed with 1 x 16: the epoch is not re-counted."""
+    _trainer(tmp_path / "r", max_steps=3).fit()
+    resumed = _trainer(tmp_path / "r", max_device_batch=16)
+    resumed.fit()
+    assert resumed.global_step == 3 * (96 // 16)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]  # the max_steps eval, then one per epoch
+
+
+def test_resume_refuses_another_recipe(tmp_path: Path) -> None:
+    _trainer(tmp_path / "g", max_steps=2).fit()
+    with pytest.raises(UserError, match="trainer.global_batch=16, this run has 32"):
+        _trainer(tmp_path / "g", global_batch=32).fit()
+
+
+def test_max_steps_on_an_epoch_boundary_then_resume(tmp_path: Path) -> None:
+    _trainer(tmp_path / "b", max_steps=6).fit()  # exactly one epoch
+    resumed = _trainer(tmp_path / "b")
+    resumed.fit()
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3] and resumed.global_step == 18
 
 
 def test_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
@@ -116,7 +138,7 @@ def test_too_small_dataset_is_one_line_error(tmp_path: Path) -> None:
 def test_sigterm_saves_then_resume_finishes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "common.example.train", "profile=smoke", "trainer.max_steps=null",
-           "trainer.epochs=50", "trainer.log_every=1", f"output_dir={tmp_path}",
+           "trainer.epochs=3", "trainer.log_every=1", f"output_dir={tmp_path}",
            "hydra.run.dir=" + str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -130,8 +152,31 @@ def test_sigterm_saves_then_resume_finishes(tmp_path: Path) -> None:
     assert "resume with trainer.resume=auto" in out
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["global_step"] > 0
-    done = subprocess.run(cmd[:-2] + ["trainer.epochs=1", "hydra.run.dir=" + str(tmp_path / "run")], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from" in done.stdout
     assert (tmp_path / "run" / "result.json").exists() and (tmp_path / "run" / "curves.png").exists()
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_multistep_milestones_drop_at_the_start_of_the_epoch(per_step: bool) -> None:
+    """As torch's MultiStepLR (RepDistiller's [150, 180, 210]): epoch 150 is the first at 0.1x."""
+    from common.engine import build_scheduler
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.05)
+    upe = 4
+    sched = build_scheduler(opt, ScheduleConfig(name="multistep", milestones=[150, 180, 210], per_step=per_step),
+                            240, upe)
+    lrs = []
+    for epoch in range(240):
+        if not per_step:
+            sched.step(epoch)
+        for i in range(upe):
+            lrs.append(opt.param_groups[0]["lr"])
+            if per_step:
+                sched.step_update(num_updates=epoch * upe + i + 1)
+    per_epoch = lrs[::upe]
+    assert per_epoch[149] == pytest.approx(0.05) and per_epoch[150] == pytest.approx(0.005)
+    assert per_epoch[179] == pytest.approx(0.005) and per_epoch[180] == pytest.approx(0.0005)
+    assert per_epoch[210] == pytest.approx(0.00005)
+    assert len(set(lrs[150 * upe: 151 * upe])) == 1  # no change inside the epoch
