@@ -27,7 +27,26 @@ from kernelwarehouse.models import create_model, warehouse_manager
 from kernelwarehouse.warehouse import KWConvNd, KWLayer, KWLinear
 
 DEFAULTS: dict[str, Any] = {"models": "kw1x_resnet18", "batch": 16, "size": 160, "threads": 2, "repeats": 5,
-                            "device": "auto", "impl": "auto", "tapwise_ratio": None}
+                            "device": "auto", "impl": "auto", "tapwise_ratio": None, "heap": "off"}
+
+
+def keep_large_allocations_on_heap() -> bool:
+    """glibc: serve large blocks from the heap and keep freed memory (``mallopt``), so per-step tensors of
+    tens of MB (KW's per-sample kernels) are not re-mapped and page-faulted every step. Affects the plain
+    and KW models alike; the same effect as running under jemalloc/tcmalloc. False where unavailable.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def baseline_of(name: str) -> str:
@@ -164,9 +183,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(cfg["device"])
     torch.set_num_threads(int(cfg["threads"]))
+    if cfg["heap"] not in ("on", "off"):
+        raise UserError(f"bench: heap must be on or off, got {cfg['heap']!r}")
+    heap = cfg["heap"] == "on" and keep_large_allocations_on_heap()
     torch.manual_seed(0)
     print(f"device={device} threads={torch.get_num_threads()} batch={cfg['batch']} size={cfg['size']} "
-          f"impl={cfg['impl']}" + (" (bf16 autocast, channels_last)" if device.type == "cuda" else ""))
+          f"impl={cfg['impl']} heap={'on' if heap else 'off'}"
+          + (" (bf16 autocast, channels_last)" if device.type == "cuda" else ""))
     rows = []
     header = (f"{'model':<24}{'GMACs kw/plain':>16}{'infer img/s kw/plain':>24}{'ratio':>7}"
               f"{'train img/s kw/plain':>24}{'ratio':>7}{'memory kw/plain':>20}")

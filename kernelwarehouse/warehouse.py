@@ -244,10 +244,8 @@ class KWLayer(nn.Module):
         Mixture ``j = (s G_o + p) G_i + q`` -> kernel rows ``p c_o + a``, columns ``q c_i + c``, tap ``s``.
         Returns ``[B, O, I/g, *K]``.
         """
-        warehouse = self._manager[0].weights[self.warehouse_id]
         b = attn.shape[0]
-        flat = warehouse.reshape(self.num_cells, -1).to(attn.dtype)
-        cells = torch.mm(attn.reshape(-1, self.num_cells), flat)  # [B m, c_o c_i], the official op
+        cells = self._manager[0].assemble_cells(self.warehouse_id, attn)  # [B m, c_o c_i], the official op
         s, go, gi, co, ci = self.groups_spatial, self.groups_out, self.groups_in, self.cell_out, self.cell_in
         if s == 1 and go == 1 and gi == 1:
             return cells.view(b, co, ci, *self.kernel_size)
@@ -306,12 +304,11 @@ class KWConvNd(KWLayer):
         return y
 
     def _tapwise(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        b, n = x.shape[0], self.num_cells
+        b = x.shape[0]
         s, go, gi, co, ci = self.groups_spatial, self.groups_out, self.groups_in, self.cell_out, self.cell_in
         out_hw = [(x.shape[2 + d] + 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1) - 1)
                   // self.stride[d] + 1 for d in range(2)]
-        warehouse = self._manager[0].weights[self.warehouse_id].reshape(n, -1).to(attn.dtype)
-        cells = torch.mm(attn.reshape(-1, n), warehouse).view(b, s, go, gi, co, ci)
+        cells = self._manager[0].assemble_cells(self.warehouse_id, attn).view(b, s, go, gi, co, ci)
         # taps as strided views of the padded input, copied once into [B, S, G_i, c_i, L] (faster than im2col)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         taps = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # [B, I, Ho, Wo, kh, kw]
@@ -382,6 +379,7 @@ class WarehouseManager(nn.Module):
         self.cell_inplane_ratio, self.cell_outplane_ratio = cell_inplane_ratio, cell_outplane_ratio
         self.nonlocal_basis_ratio, self.norm = float(nonlocal_basis_ratio), norm
         self.names: list[str] = []  # fused warehouse names, in order of first reservation
+        self._scratch: dict[tuple[Any, ...], torch.Tensor] = {}  # inference-only assembly workspace
         self._layers: dict[str, list[list[int]]] = {}
         self.weights = nn.ParameterList()
         self.finalized = False
@@ -480,6 +478,27 @@ class WarehouseManager(nn.Module):
         self.allocate(network)
 
     # -- runtime -----------------------------------------------------------------------------------------
+    def assemble_cells(self, warehouse_id: int, attn: torch.Tensor) -> torch.Tensor:
+        """``alpha @ E`` for one layer: ``[B m, n] @ [n, c_o c_i]``, one matmul over all cells (spec §b.6).
+
+        Without autograd the product goes into one scratch buffer shared by all layers (they run one after
+        another and consume it at once): the per-sample kernels are large, and a fresh allocation of that
+        size costs page faults comparable to the matmul itself.
+        """
+        warehouse = self.weights[warehouse_id]
+        n = warehouse.shape[0]
+        flat = warehouse.reshape(n, -1).to(attn.dtype)
+        attn = attn.reshape(-1, n)
+        if torch.is_grad_enabled() or self.impl != "auto":
+            return torch.mm(attn, flat)
+        key = (attn.device, attn.dtype, torch.is_inference_mode_enabled())
+        size = attn.shape[0] * flat.shape[1]
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(size, device=attn.device, dtype=attn.dtype)
+            self._scratch[key] = buffer
+        return torch.mm(attn, flat, out=buffer[:size].view(attn.shape[0], flat.shape[1]))
+
     def set_temperature(self, tau: float) -> None:
         """Set the attention temperature of every layer of this manager (spec §b.9)."""
         self.temperature.fill_(float(tau))
