@@ -30,6 +30,7 @@ from common.checkpoint import (
     Checkpointer,
     StopSignal,
     capture_rng_state,
+    claim_resumed,
     find_resume,
     load_checkpoint,
     restore_rng_state,
@@ -261,8 +262,15 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, float]:
     ckpt = Checkpointer(out, enabled=env.is_main)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None}
     resume = find_resume(out, c.train.resume)
+    recipe = {"seed": c.train.seed, "global_batch": c.train.global_batch}  # epochs may grow: the decay is per epoch
     if resume is not None:
         saved = load_checkpoint(resume)
+        for key, value in (saved.get("recipe") or {}).items():
+            if recipe.get(key) != value:
+                raise UserError(f"{resume} was written with train.{key}={value}, this run has {recipe.get(key)}; "
+                                "resume with the same value or set train.resume=none")
+        if env.is_main and resume.parent != out:
+            claim_resumed(resume.parent, out)
         core.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state.update(saved["state"])
@@ -271,7 +279,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, float]:
 
     def snapshot() -> dict[str, Any]:
         return {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state),
-                "rng": capture_rng_state(), "model_config": model_kwargs(c.model)}
+                "rng": capture_rng_state(), "model_config": model_kwargs(c.model), "recipe": recipe}
 
     selection_split = {"heldout": "heldout", "test": "test", "last": None}[c.train.selection]
     if selection_split == "heldout" and len(splits["heldout"]) == 0:
