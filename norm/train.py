@@ -36,7 +36,7 @@ from common.config import (
     validate,
 )
 from common.data import CIFAR, ImageFolder, build_transforms, write_synthetic_cifar
-from common.dist import DistEnv, cleanup, init_distributed
+from common.dist import DistEnv, barrier, cleanup, init_distributed
 from common.engine import Classifier, Trainer, eval_loader, evaluate
 from common.errors import UserError
 from common.report import write_result
@@ -163,6 +163,7 @@ def get_teacher(run: RunConfig, profile: str, train_set: Dataset, val_set: Datas
     if not (teacher_dir / "FINISHED").is_file():  # smoke: train the teacher with the same data and sizes
         teacher_dir.mkdir(parents=True, exist_ok=True)
         _fit(Classifier(create_model(arch, nc)), run, train_set, val_set, teacher_dir, env, config_dict)
+    barrier()  # under torchrun, rank 0 writes best.pt
     return load_teacher(teacher_dir / "best.pt", arch, nc)
 
 
