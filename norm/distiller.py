@@ -77,6 +77,10 @@ class NORMDistiller(nn.Module):
     def forward(self, image: Tensor) -> Tensor:
         return self.student(image)
 
+    def eval_model(self) -> NORMStudent:
+        """What the trainer evaluates, averages (EMA) and saves as best.pt: the student with its FT."""
+        return self.student
+
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Set w(epoch), the official epoch-wise NORM multiplier."""
         self.current_multiplier = 1.0 if self.multiplier is None else self.multiplier(epoch, num_epochs)
