@@ -149,13 +149,20 @@ def _swap(model: nn.Module, path: str, new: nn.Module) -> None:
 def convert_model(model: nn.Module, cell_num_ratio: Any = 1.0, reduction: Any = 1 / 16,
                   cell_inplane_ratio: Any = 1.0, cell_outplane_ratio: Any = 1.0,
                   sharing_range: Any = None, nonlocal_basis_ratio: float = 1.0, norm: str | None = None,
-                  plan: Plan | None = None, **plan_kwargs: Any) -> nn.Module:
+                  plan: Plan | None = None, budget: float | None = None, **plan_kwargs: Any) -> nn.Module:
     """Turn a timm ResNet / MobileNetV2 / ConvNeXt / ViT into its KernelWarehouse version, in place.
 
     ``cell_num_ratio`` is the budget b (``KW (b x)``); the per-warehouse ratios may be scalars, sequences in
-    warehouse order or dicts by warehouse name. ``sharing_range`` and the attention ``norm`` default to the
-    official choice of the family. The manager is ``model.warehouse_manager``.
+    warehouse order or dicts by warehouse name. ``budget`` is a shorthand: it sets ``cell_num_ratio`` and,
+    for b < 1, halves the cells (``cell_*_ratio = 0.5``) as the official b < 1 configs do, so that every
+    layer's number of mixtures is a multiple of 1/b. ``reduction`` is the attention's hidden ratio (1/16),
+    not the budget. ``sharing_range`` and the attention ``norm`` default to the family's official choice.
+    The manager is ``model.warehouse_manager``.
     """
+    if budget is not None:
+        cell_num_ratio = budget
+        if budget < 1 and cell_inplane_ratio == 1.0 and cell_outplane_ratio == 1.0:
+            cell_inplane_ratio = cell_outplane_ratio = 0.5
     fam = family(model)
     plan = plan if plan is not None else _PLANS[fam](model, **plan_kwargs)
     norm = norm or ("ln" if fam == "convnext" else "bn")

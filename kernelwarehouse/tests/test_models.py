@@ -11,9 +11,13 @@ from kernelwarehouse.models import convert_model, create_model, official_model, 
 
 
 def test_convert_model_on_a_timm_resnet_gives_the_official_budget() -> None:
+    import kernelwarehouse
+
     with torch.device("meta"):
         model = convert_model(timm.create_model("resnet18"), cell_num_ratio=2)
+        quarter = kernelwarehouse.convert_model(timm.create_model("resnet18"), budget=0.25)
     assert sum(p.numel() for p in model.parameters()) == 23_242_127
+    assert sum(p.numel() for p in quarter.parameters()) == 4_031_768
 
 
 @pytest.mark.parametrize("name,size", [("kw1x_mobilenetv2_050", 32), ("kw1x_deit_tiny", 32)])
