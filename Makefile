@@ -32,11 +32,11 @@ report: $(STAMP)
 	$(PY) -m common.report
 
 # Each paper's embedded default run; a paper not built yet says so and fails.
-reproduce-%: $(STAMP)
+$(addprefix reproduce-,$(PAPERS)): reproduce-%: $(STAMP)
 	@if [ -f $*/reproduce.py ]; then $(PY) -m $*.reproduce $(ARGS); \
 	else echo "$*: not built yet (no $*/reproduce.py); see README.md for the status of each paper"; exit 1; fi
 
-bench-%: $(STAMP)
+$(addprefix bench-,$(PAPERS)): bench-%: $(STAMP)
 	@if [ -f $*/bench.py ]; then $(PY) -m $*.bench $(ARGS); \
 	else echo "$*: no benchmark yet (no $*/bench.py)"; exit 1; fi
 
