@@ -162,7 +162,8 @@ def paper_report(paper: str, outputs: str | os.PathLike = "outputs",
                 st = status(paper_value, mean, row.better_high(metric), row.tolerance.get(metric, 0.0))
             else:
                 shown, delta, st = "—", "—", status(paper_value, None)
-            lines.append(f"| {row.id} | {metric} | {_fmt(paper_value)} | {shown} | {delta} | {st} |")
+            shown_paper = "unknown" if paper_value is None else _fmt(paper_value)  # the spec could not find it
+            lines.append(f"| {row.id} | {metric} | {shown_paper} | {shown} | {delta} | {st} |")
     if smoke:
         lines += ["", "Smoke runs (synthetic data, reduced sizes: not comparable with the paper's numbers):", "",
                   "| experiment | metrics | run |", "|---|---|---|"]

@@ -57,7 +57,7 @@ def test_report_table(tmp_path: Path) -> None:
     assert "| resnet_a | top1 | 70.00 | 70.00 ± 0.14 (n=2) | 0.00 | reproduced |" in lines
     assert "| resnet_b | top1 | 75.00 | 74.00 | -1.00 | below |" in lines
     assert "| resnet_b | mpjpe | 40.00 | 39.50 | -0.50 | reproduced |" in lines
-    assert "| unknown_row | top1 | — | — | — | not run |" in lines
+    assert "| unknown_row | top1 | unknown | — | — | not run |" in lines
     # the smoke run is listed apart and does not count as the row's result
     assert any("smoke_x" in line and "top1=12.500" in line for line in lines)
     assert text.count("12.5") == 1
