@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import PooledClassifier
+
 
 def _init_kaiming(module: nn.Module) -> None:
     for m in module.modules():
@@ -38,7 +40,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(PooledClassifier):
     """RepDistiller `models/cifar/resnet.py::ResNet` (BasicBlock), depth 6n+2."""
 
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 100):
@@ -60,15 +62,6 @@ class CifarResNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.fc(x.mean((2, 3)))
-
-    def get_classifier(self) -> nn.Linear:
-        return self.fc
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 class Bottleneck(nn.Module):
@@ -94,8 +87,10 @@ class Bottleneck(nn.Module):
         return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
 
 
-class CifarResNetV2(nn.Module):
+class CifarResNetV2(PooledClassifier):
     """RepDistiller `models/cifar/resnetv2.py::ResNet` (bottleneck ResNet-50 for 32x32 inputs)."""
+
+    head_name = "linear"
 
     def __init__(self, layers: tuple[int, int, int, int] = (3, 4, 6, 3), num_classes: int = 100):
         super().__init__()
@@ -115,12 +110,3 @@ class CifarResNetV2(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.linear(x.mean((2, 3)))
-
-    def get_classifier(self) -> nn.Linear:
-        return self.linear
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))

@@ -13,6 +13,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import PooledClassifier
+
 # t (expansion), c (channels before width scaling), n (blocks), s (first stride)
 SETTING = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
            [6, 320, 1, 1]]
@@ -34,7 +36,10 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(PooledClassifier):
+    head_name = "classifier"
+    linear_name = "classifier.0"
+
     def __init__(self, width_mult: float = 0.5, expansion: int = 6, num_classes: int = 100,
                  norm_variant: bool = False):
         super().__init__()
@@ -74,12 +79,3 @@ class MobileNetV2(nn.Module):
             x = block(x)
         x = self.conv2(x)
         return x if self.norm_variant else F.relu(x)
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.classifier(x.mean((2, 3)))
-
-    def get_classifier(self) -> nn.Linear:
-        return self.classifier[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import PooledClassifier
+
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     b, c, h, w = x.shape
@@ -39,7 +41,9 @@ class ShuffleV1Block(nn.Module):
         return F.relu(out + x)
 
 
-class ShuffleNetV1(nn.Module):
+class ShuffleNetV1(PooledClassifier):
+    head_name = "linear"
+
     def __init__(self, out_planes: tuple[int, ...] = (240, 480, 960), num_blocks: tuple[int, ...] = (4, 8, 4),
                  groups: int = 3, num_classes: int = 100):
         super().__init__()
@@ -58,15 +62,6 @@ class ShuffleNetV1(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.linear(x.mean((2, 3)))
-
-    def get_classifier(self) -> nn.Linear:
-        return self.linear
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 class ShuffleV2Block(nn.Module):
@@ -109,7 +104,9 @@ class ShuffleV2Down(nn.Module):
         return channel_shuffle(torch.cat([left, right], 1), 2)
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(PooledClassifier):
+    head_name = "linear"
+
     def __init__(self, out_channels: tuple[int, ...] = (116, 232, 464, 1024),
                  num_blocks: tuple[int, ...] = (3, 7, 3), num_classes: int = 100):
         super().__init__()
@@ -129,12 +126,3 @@ class ShuffleNetV2(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return F.relu(self.bn2(self.conv2(x)))
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.linear(x.mean((2, 3)))
-
-    def get_classifier(self) -> nn.Linear:
-        return self.linear
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))

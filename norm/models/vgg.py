@@ -11,6 +11,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import PooledClassifier
+
 CFGS = {
     "vgg8": [[64], [128], [256], [512], [512]],
     "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
@@ -26,7 +28,9 @@ def _block(widths: list[int], c_in: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])  # the block's last ReLU is applied in forward
 
 
-class VGG(nn.Module):
+class VGG(PooledClassifier):
+    head_name = "classifier"
+
     def __init__(self, cfg: list[list[int]], num_classes: int = 100):
         super().__init__()
         c = 3
@@ -56,12 +60,3 @@ class VGG(nn.Module):
         if pool_block3:
             x = F.max_pool2d(x, 2)
         return F.relu(self.block4(x))
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.classifier(x.mean((2, 3)))
-
-    def get_classifier(self) -> nn.Linear:
-        return self.classifier
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))

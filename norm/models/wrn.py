@@ -12,6 +12,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import PooledClassifier
+
 
 class WideBasic(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
@@ -39,7 +41,7 @@ class NetworkBlock(nn.Module):
         return self.layer(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(PooledClassifier):
     foldable = False
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 100):
@@ -68,11 +70,5 @@ class WideResNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         return self.block3(self.block2(self.block1(self.conv1(x))))
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.fc(F.relu(self.bn1(x)).mean((2, 3)))
-
-    def get_classifier(self) -> nn.Linear:
-        return self.fc
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def pool(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn1(x)).mean((2, 3))
