@@ -154,7 +154,7 @@ def to_official(state_dict: Mapping[str, Tensor], model: nn.Module) -> OrderedDi
 
 
 def loss_filter_fn(state_dict: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
-    """Official `OmniContrastiveFeatureLoss` keys -> `AfDCDLoss` keys (`projetor` -> `generator`, `adpator` -> `adaptor`)."""
+    """Official loss-module keys -> `AfDCDLoss` keys (`projetor`/`adpator` -> `generator`/`adaptor`)."""
     out: OrderedDict[str, Tensor] = OrderedDict()
     for key, value in _strip(state_dict).items():
         for old, new in _LOSS:
