@@ -13,6 +13,12 @@ from common.data.base import DatasetError
 from common.data.cifar import CIFAR, CIFAR10, CIFAR100, load_cifar, resolve_cifar_dir
 from common.data.imagefolder import IMG_EXTENSIONS, ImageFolder, find_classes, load_rgb
 from common.data.mnist import MNIST, find_mnist_files, read_idx, split_indices, write_idx
+from common.data.segmentation import (
+    SEGMENTATION_DATASETS,
+    SegmentationDataset,
+    majority_class_miou,
+    write_synthetic_segmentation,
+)
 from common.data.synthetic import class_images, write_synthetic_cifar, write_synthetic_imagefolder
 from common.data.transforms import build_transforms
 
@@ -43,6 +49,8 @@ __all__ = [
     "IMG_EXTENSIONS",
     "ImageFolder",
     "MNIST",
+    "SEGMENTATION_DATASETS",
+    "SegmentationDataset",
     "build_dataset",
     "build_transforms",
     "class_images",
@@ -50,10 +58,12 @@ __all__ = [
     "find_mnist_files",
     "load_cifar",
     "load_rgb",
+    "majority_class_miou",
     "read_idx",
     "resolve_cifar_dir",
     "split_indices",
     "write_idx",
     "write_synthetic_cifar",
     "write_synthetic_imagefolder",
+    "write_synthetic_segmentation",
 ]
