@@ -1,1 +1,1 @@
-"""afdcd"""
+"""Af-DCD (NeurIPS 2023): augmentation-free dense contrastive distillation for semantic segmentation."""
