@@ -249,8 +249,8 @@ def convert_distiller(state_dict: Mapping[str, Tensor], model: ScaleKDDistiller)
 def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module) -> OrderedDict[str, Tensor]:
     """Any supported checkpoint's tensors -> `model`'s state dict keys (see the module docstring)."""
     keys = list(state_dict)
-    official_distiller = any(k.startswith("distill_losses.") for k in keys) or any(
-        k.startswith("student.backbone.") for k in keys)
+    official_distiller = any(k.startswith(("distill_losses.", "student.backbone.", "teacher.backbone."))
+                             for k in keys)
     if isinstance(model, ScaleKDDistiller):
         if official_distiller:
             return convert_distiller(state_dict, model)
