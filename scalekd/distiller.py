@@ -160,3 +160,38 @@ class ScaleKDDistiller(nn.Module):
     def eval_model(self) -> nn.Module:
         """What is evaluated, averaged (EMA) and deployed: the student alone."""
         return self.student
+
+
+def distiller_from_config(method: object, student: nn.Module, teacher: nn.Module,
+                          image_size: int = 224) -> ScaleKDDistiller:
+    """A `ScaleKDDistiller` from the `method` config group (configs/method/scalekd.yaml keys)."""
+    from .models.taps import ViTTeacher
+
+    def get(key: str, default: object = None) -> object:
+        return method.get(key, default) if hasattr(method, "get") else getattr(method, key, default)
+
+    def stage(cfg: object) -> StageConfig | None:
+        if cfg is None:
+            return None
+        c = dict(cfg)
+        unknown = set(c) - {"alpha", "num_heads", "softmax_scale", "self_query"}
+        if unknown:
+            raise UserError(f"method stage key(s) {sorted(unknown)} unknown; expected alpha, num_heads, "
+                            "softmax_scale, self_query")
+        scale = c.get("softmax_scale", (1.0, 1.0))
+        return StageConfig(alpha=tuple(c.get("alpha", (0.08, 0.06))), num_heads=int(c.get("num_heads", 8)),
+                           softmax_scale=(float(scale),) * 2 if isinstance(scale, (int, float)) else tuple(scale),
+                           self_query=bool(c.get("self_query", True)))
+
+    kd = get("kd")
+    loss = dict(get("class_loss") or {})
+    adapter = None
+    if type(teacher).__name__ == "VisionTransformer":
+        split = dict(get("vit_teacher") or {})
+        adapter = ViTTeacher(teacher, int(split.get("phi_blocks", 2)), int(split.get("tail_blocks", 0)))
+    return ScaleKDDistiller(
+        student, teacher, stage(get("s3")), stage(get("s4")),
+        kd_temperature=float(kd["temperature"]) if kd else 4.0, kd_alpha=float(kd["alpha"]) if kd else None,
+        class_loss=ClassLoss(**loss), cap_variant=str(get("cap_variant", "v2")), image_size=image_size,
+        teacher_train_mode=bool(get("teacher_train_mode", True)), frequency_view=str(get("frequency_view", "dct")),
+        teacher_adapter_=adapter)
