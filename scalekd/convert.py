@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from common.checkpoint import atomic_save, load_foreign_state_dict, load_state_dict_verbose
 from common.errors import UserError
 
-from .distiller import ScaleKDDistiller
+from .distiller import ClassLoss, ScaleKDDistiller, StageConfig
 from .scalekd import DualViewFeatureMimicking
 
 DEAD_KEYS = re.compile(r"^(linear\.(weight|bias)|steps)$")  # ClassificationDistiller.linear, EMA step count
@@ -329,10 +329,8 @@ def build_dfm(cfg: Mapping) -> DualViewFeatureMimicking:
     return DualViewFeatureMimicking(**dfm_kwargs(cfg)[1])
 
 
-def class_loss_from_head(head: Mapping) -> "ClassLoss":
+def class_loss_from_head(head: Mapping) -> ClassLoss:
     """The student head's loss config (mmcls) -> `ClassLoss`."""
-    from .distiller import ClassLoss
-
     loss = dict(head.get("loss", {"type": "CrossEntropyLoss"}))
     kind = loss.pop("type")
     weight = float(loss.pop("loss_weight", 1.0))
@@ -357,7 +355,6 @@ def build_distiller(cfg: Mapping) -> ScaleKDDistiller:
     """A `ScaleKDDistiller` equal to an official `ClassificationDistiller` config (teacher_cfg, student_cfg,
     distill_cfg, is_vit, use_logit, image_size). CAP widths and grids come from the dry run and must
     equal the recorded ones."""
-    from .distiller import StageConfig
     from .models.mmcls import build_classifier
     from .models.taps import teacher_adapter
 

@@ -61,7 +61,8 @@ def table4_lines(ours_samples: float | None = None) -> list[str]:
     """Table 4 as text lines (viewed samples in M), with this run's count when given."""
     lines = [f"{'group':16} {'student':20} {'method':36} {'viewed (M)':>10} {'top-1':>6}"]
     for group, student, method, stages, top1 in TABLE4:
-        lines.append(f"{group:16} {student:20} {method:36} {viewed_samples(*zip(*stages, strict=True)):10.0f} {top1:6.2f}")
+        viewed = viewed_samples(*zip(*stages, strict=True))
+        lines.append(f"{group:16} {student:20} {method:36} {viewed:10.0f} {top1:6.2f}")
     lines += [f"ratio ({g}): {r:.2f}x" for g, r in table4_ratios().items()]
     if ours_samples is not None:
         lines.append(f"this run: {ours_samples / 1e6:.1f} M viewed samples")
