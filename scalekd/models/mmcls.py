@@ -25,7 +25,7 @@ _INERT = {"type", "out_indices", "init_cfg", "with_cp", "frozen_stages", "norm_e
 # inert keys whose value must be the one we build
 _REQUIRED = {"style": "pytorch", "use_abs_pos_embed": False, "out_after_downsample": False, "pad_small_map": False,
              "gap_before_final_norm": False, "drop_rate": 0.0, "attn_drop_rate": 0.0, "in_channels": 3,
-             "pre_norm": False, "patch_norm": True}
+             "pre_norm": False, "patch_norm": True, "final_norm": True}
 
 _SWIN = {"t": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "s": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
          "b": (128, (2, 2, 18, 2), (4, 8, 16, 32)), "l": (192, (2, 2, 18, 2), (6, 12, 24, 48))}
