@@ -291,10 +291,10 @@ def read_checkpoint(path: str | os.PathLike, encoding: str | None = None) -> tup
 
 
 def save_converted(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, paper: str,
-                   source: str | os.PathLike, **meta: Any) -> Path:
-    """Write a converted official checkpoint atomically: our key names, `weights_only`-loadable, with its
-    origin, so that an evaluation of it is reported as official weights."""
-    return atomic_save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "origin": "official",
+                   source: str | os.PathLike, origin: Origin = "official", **meta: Any) -> Path:
+    """Write a `convert` output atomically: our key names, `weights_only`-loadable, with the weights' origin
+    (official unless the source was one of our runs), so an evaluation of it is reported truthfully."""
+    return atomic_save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "origin": origin,
                         "paper": paper, "source": str(source), **meta}, path)
 
 
