@@ -266,14 +266,19 @@ def load_official_checkpoint(path: str | os.PathLike, encoding: str | None = Non
 Origin = Literal["ours", "official"]
 
 
+# Entries only our run checkpoints have beside "model": common.engine's last.pt ("trainer", "global_step") and
+# best.pt ("metrics"), gridconv's ("recipe"). Official files also use "model" (RepDistiller, timm-style scripts).
+_OUR_RUN_KEYS = ("trainer", "global_step", "metrics", "recipe")
+
+
 def checkpoint_origin(obj: Any) -> Origin:
-    """Who made the weights of a loaded checkpoint: `ours` for a file our training wrote (a run checkpoint,
-    `{"model": state_dict, ...}`), `official` for a converted official file (`"origin": "official"`) or any
-    other file (a released state dict)."""
+    """Who made the weights of a loaded checkpoint: an explicit `"origin"` entry (our `convert` outputs, and
+    any file that states it) wins; else `ours` for a run checkpoint our training wrote (`"model"` beside one
+    of `_OUR_RUN_KEYS`); anything else is `official` (a released file)."""
     if isinstance(obj, Mapping):
         if obj.get("origin") in ("ours", "official"):
             return obj["origin"]
-        if isinstance(obj.get("model"), Mapping) and _is_state_dict(obj["model"]):
+        if isinstance(obj.get("model"), Mapping) and any(k in obj for k in _OUR_RUN_KEYS):
             return "ours"
     return "official"
 

@@ -227,8 +227,11 @@ def test_read_checkpoint_tells_ours_from_official(tmp_path: Path) -> None:
     from common.checkpoint import read_checkpoint, save_converted
 
     ours = tmp_path / "last.pt"
-    atomic_save({"model": {"w": torch.ones(1)}, "epoch": 3}, ours)
+    atomic_save({"model": {"w": torch.ones(1)}, "epoch": 3, "metrics": {"top1": 1.0}}, ours)
     assert read_checkpoint(ours)[1] == "ours"
+    repdistiller = tmp_path / "ckpt_epoch_240.pth"  # official files use "model" too
+    torch.save({"epoch": 240, "model": {"w": torch.ones(1)}, "accuracy": torch.tensor(73.0)}, repdistiller)
+    assert read_checkpoint(repdistiller)[1] == "official"
     released = tmp_path / "released.pth"
     torch.save({"w": torch.ones(1)}, released)  # a bare foreign state dict
     assert read_checkpoint(released)[1] == "official"

@@ -12,7 +12,8 @@ import torch
 
 from common.config import compose
 from common.results import read_record
-from norm.convert import checkpoint_filter_fn, main as convert_main
+from norm.convert import checkpoint_filter_fn
+from norm.convert import main as convert_main
 from norm.eval import run as eval_run
 from norm.models import NORMStudent, create_model
 from norm.train import CONFIG_DIR
