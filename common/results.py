@@ -132,16 +132,31 @@ def read_record(path: str | os.PathLike) -> ResultRecord:
         raise ValueError(f"{path}: {err}") from None
 
 
-def data_kind(dataset: str) -> Literal["real", "synthetic"]:
-    """`synthetic` for the synthetic writers' datasets (their config names start with `synthetic`), else `real`."""
-    return "synthetic" if str(dataset).lower().startswith("synthetic") else "real"
+def data_kind(dataset: str, root: str | os.PathLike | None = None) -> Literal["real", "synthetic"]:
+    """`synthetic` when the dataset's config name says so (`synthetic*`) or its folder (or a folder directly
+    inside it) carries the marker every synthetic writer leaves (`common.data.base.MARKER_NAME`), else `real`.
+
+    The marker catches synthetic data written in a real layout and read under the real dataset's name.
+    """
+    from common.data.base import MARKER_NAME
+
+    if str(dataset).lower().startswith("synthetic"):
+        return "synthetic"
+    if root is not None:
+        base = Path(root).expanduser()
+        folder = base if base.is_dir() else base.parent
+        if (folder / MARKER_NAME).is_file() or any((c / MARKER_NAME).is_file() for c in folder.glob("*/")):
+            return "synthetic"
+    return "real"
 
 
 def evaluation_record(paper: str, experiment: str, row: str | None, metrics: Mapping[str, float], dataset: str,
                       checkpoint: Literal["ours", "official"], profile: str, checkpoint_path: str | os.PathLike,
-                      seed: int | None = None, **extra: Any) -> ResultRecord:
+                      seed: int | None = None, data_root: str | os.PathLike | None = None,
+                      **extra: Any) -> ResultRecord:
     """The record every paper's `eval` entry point writes: a checkpoint scored on a dataset's whole split."""
     return ResultRecord(paper=paper, experiment=experiment, row=row, kind="evaluated", metrics=dict(metrics),
-                        dataset=str(dataset), data=data_kind(dataset), checkpoint=checkpoint, complete=True,
+                        dataset=str(dataset), data=data_kind(dataset, data_root), checkpoint=checkpoint,
+                        complete=True,
                         selection="last", profile=profile,  # type: ignore[arg-type]
                         seed=seed, checkpoint_path=str(checkpoint_path), extra=dict(extra))

@@ -83,7 +83,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         out = Path(cfg.output_dir) / PAPER / cfg.name / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
         save_resolved(cfg, out)
         write_record(out, evaluation_record(PAPER, cfg.name, cfg.row, metrics, data.name, kind, cfg.profile,
-                                            cfg.checkpoint, checkpoint_key=cfg.get("checkpoint_key")))
+                                            cfg.checkpoint, data_root=data.root,
+                                            checkpoint_key=cfg.get("checkpoint_key")))
         print(f"{cfg.name} ({kind} checkpoint): " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     cleanup()
     return metrics

@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         out = run_dir(cfg, "norm", f"eval_{cfg.name}")
         save_resolved(cfg, out)
         write_record(out, evaluation_record("norm", cfg.name, cfg.get("row"), metrics, r.data.name, origin,
-                                            str(cfg.get("profile", "full")), cfg.checkpoint))
+                                            str(cfg.get("profile", "full")), cfg.checkpoint, data_root=r.data.root))
         print(f"{cfg.name} ({origin} checkpoint): " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         if cfg.get("export"):
             atomic_save({k: v.cpu() for k, v in deployed.state_dict().items()}, Path(cfg.export))

@@ -150,3 +150,12 @@ def test_report_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as ex:
         main(["nosuchpaper", "--outputs", str(outputs)])
     assert ex.value.code == 2 and "unknown paper" in capsys.readouterr().err
+
+
+def test_report_data_kind_sees_synthetic_data_in_a_real_layout(tmp_path: Path) -> None:
+    from common.data import write_synthetic_cifar
+
+    root = tmp_path / "cifar"
+    write_synthetic_cifar(root, num_classes=10, train_per_class=1, test_per_class=1)
+    assert data_kind("cifar100", root) == "synthetic"  # named like the real set, written by our writer
+    assert data_kind("cifar100", tmp_path / "elsewhere") == "real"
