@@ -206,3 +206,66 @@ def test_golden(path: Path) -> None:
         full_model_golden(data)
     else:
         pytest.fail(f"{path.name}: unknown fixture kind (config keys {sorted(config)})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the harness generalises: a variant fixture in the same schema (another forward program with comments and
+# trailing notes, other temperatures under other key names, another input) passes without code changes
+# ---------------------------------------------------------------------------------------------------------
+VARIANT_PROGRAM = """h1 = gelu(conv_a(x))   # a GELU instead of the ReLU
+h2 = conv_b(h1) + ds(x) (shortcut, stride 2); h3 = dw(h2)
+out = head(flatten(adaptive_avg_pool2d(h3, 1), 1)) ; note: head is the KW linear layer"""
+
+
+def _variant_forward(model: Group, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The variant program written out by hand (independent of the program interpreter)."""
+    layers = model.layers
+    h1 = F.gelu(layers["conv_a"](x))
+    h2 = layers["conv_b"](h1) + layers["ds"](x)
+    h3 = layers["dw"](h2)
+    return layers["head"](torch.flatten(F.adaptive_avg_pool2d(h3, 1), 1)), {"h1": h1, "h2": h2, "h3": h3}
+
+
+def make_group_variant(data: dict[str, Any], seed: int = 5) -> dict[str, Any]:
+    """A new group fixture of `data`'s kind, its references computed by our implementation."""
+    config = {**data["config"], "forward": VARIANT_PROGRAM}
+    model = Group(config)
+    model.load_state_dict(convert_state_dict(data["state_dict"], model), strict=False)
+    official = {v: k for k, v in key_map(list(data["state_dict"]), model).items()}
+    x = torch.randn(*data["x"].shape[:1], *data["x"].shape[1:], generator=torch.Generator().manual_seed(seed))
+    variant: dict[str, Any] = {"config": config, "state_dict": data["state_dict"], "temp_bias": data["temp_bias"],
+                               "x": x}
+    model.eval()
+    for key, tau in (("eval_tau025", 0.25), ("eval_tau1", 1.0)):
+        model.warehouse_manager.set_temperature(tau)
+        with torch.no_grad():
+            out, inter = _variant_forward(model, x)
+        variant[key] = {"out": out, "intermediates": inter}
+    model.train()
+    model.warehouse_manager.set_temperature(0.6)
+    out, inter = _variant_forward(model, x)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
+    loss = (out * weight).sum()
+    loss.backward()
+    variant["train"] = {
+        "temperature": 0.6, "out": out.detach(), "intermediates": {k: v.detach() for k, v in inter.items()},
+        "loss_weight": weight, "loss": loss.item(), "params_without_grad": [],
+        "grads": {official[n]: p.grad.clone() for n, p in model.named_parameters()},
+        "bn_buffers_after": {official[n]: b.clone() for n, b in model.named_buffers()
+                             if "attention" in n and n in official and "running" in n},
+    }
+    return variant
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("path", golden_files("kernelwarehouse"))
+def test_golden_harness_accepts_group_variants(path: Path) -> None:
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    keys = {s["key"] for s in data["config"].get("layers_in_registration_order", [])}
+    if not {"conv_a", "conv_b", "ds", "dw", "head"} <= keys:  # dispatch on the recorded layers, not the name
+        pytest.skip("the variant program is written for a conv_a/conv_b/ds/dw/head group")
+    group_golden(make_group_variant(data))
+    # and the recorded builder call of a full model tolerates notes and a file prefix
+    assert parse_builder("models/kw_x.py: kw_resnet18(num_classes=10, cell_num_ratio=0.5) ; note (default)") == (
+        "kw_resnet18", {"num_classes": 10, "cell_num_ratio": 0.5})
+    assert recorded_temperature("eval_tau05") == 0.5 and recorded_temperature("eval_tau0_25") == 0.25
