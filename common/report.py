@@ -207,8 +207,8 @@ def paper_report(paper: str, outputs: str | os.PathLike = "outputs",
             lines.append(f"\nnote: {len(group[row_id])} {label} record(s) for {row_id!r}, which is not a row of "
                          "paper.yaml")
     if found.apart:
-        lines += ["", "Not compared with the paper (smoke profile, synthetic data, cut short, or an evaluation of "
-                  "our own checkpoint):", "",
+        lines += ["", "Smoke runs and other runs not compared with the paper (smoke profile, synthetic data, cut "
+                  "short, or an evaluation of our own checkpoint):", "",
                   "| experiment | kind | data | profile | why apart | metrics | run |", "|---|---|---|---|---|---|---|"]
         for path, r in found.apart:
             shown = ", ".join(f"{k}={v:.3f}" for k, v in r.metrics.items())
