@@ -1,15 +1,22 @@
 """Checkpoints: atomic writes, exact resume, safe loading of ours and of official checkpoints.
 
-* Our checkpoints hold only tensors, numbers, strings and containers, and are always read with
-  `torch.load(..., weights_only=True)`.
-* Official checkpoints often pickle optimizer objects, argparse namespaces or numpy scalars.
-  `load_foreign_state_dict` reads them with a restricted unpickler: known-safe tensor and container
-  constructors are allowed, every other class is replaced by an inert placeholder, so no code from
-  the file runs. Tensors are then extracted by key.
+One story for every paper:
+
+* Our files (run checkpoints, `convert` outputs) hold only tensors, numbers, strings and containers and
+  are always read with `torch.load(..., weights_only=True)` (`load_checkpoint`, `read_checkpoint`).
+* Official files are read by `load_official_checkpoint`: first `weights_only=True` inside
+  `torch.serialization.safe_globals(OFFICIAL_SAFE_GLOBALS)`, an explicit allow-list of the inert types
+  released checkpoints pickle (numpy scalars and arrays, `argparse.Namespace`); only when the file holds
+  something the allow-list cannot express (an optimizer object, a whole module) the restricted unpickler
+  (`load_foreign`) reads it, replacing every unknown class by an inert placeholder. No code from a file
+  ever runs.
+* A paper's `convert` turns an official file into ours with `save_converted`, which records the origin
+  (`"origin": "official"`), so an evaluation of the converted file is still reported as official weights.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import random
@@ -20,7 +27,7 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -216,6 +223,86 @@ def load_foreign(path: str | os.PathLike, encoding: str | None = None) -> Any:
         ) from None
 
 
+def _numpy_safe_globals() -> list[Any]:
+    """numpy's scalar/array reconstructors and dtype classes, under the names numpy 1 and 2 pickle them."""
+    out: list[Any] = [np.ndarray, np.dtype]
+    try:
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    for name in ("scalar", "_reconstruct"):
+        fn = getattr(multiarray, name)
+        out += [(fn, f"numpy.core.multiarray.{name}"), (fn, f"numpy._core.multiarray.{name}")]
+    dtypes = getattr(np, "dtypes", None)
+    out += [getattr(dtypes, n) for n in sorted(_NUMPY_DTYPE_CLASSES) if dtypes is not None and hasattr(dtypes, n)]
+    return out
+
+
+# The explicit allow-list for official files: inert value types only (no optimizer, no module, no callable).
+OFFICIAL_SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_safe_globals()]
+
+
+def load_official_checkpoint(path: str | os.PathLike, encoding: str | None = None,
+                             map_location: str | torch.device = "cpu") -> Any:
+    """Read an official (foreign) checkpoint without running its code (see the module docstring).
+
+    `weights_only=True` with the `OFFICIAL_SAFE_GLOBALS` allow-list first; the restricted unpickler only
+    for a file that pickles other objects (e.g. the optimizer). `encoding="latin1"` reads Python-2 pickles.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass the path of the downloaded file")
+    extra = {"encoding": encoding} if encoding else {}
+    try:
+        with torch.serialization.safe_globals(OFFICIAL_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True, **extra)
+    except pickle.UnpicklingError:
+        pass  # an object outside the allow-list (or not a torch file): the restricted unpickler decides
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, struct.error, zipfile.BadZipFile):
+        pass
+    return load_foreign(path, encoding)
+
+
+Origin = Literal["ours", "official"]
+
+
+# Entries only our run checkpoints have beside "model": common.engine's last.pt ("trainer", "global_step") and
+# best.pt ("metrics"), gridconv's ("recipe"). Official files also use "model" (RepDistiller, timm-style scripts).
+_OUR_RUN_KEYS = ("trainer", "global_step", "metrics", "recipe")
+
+
+def checkpoint_origin(obj: Any) -> Origin:
+    """Who made the weights of a loaded checkpoint: an explicit `"origin"` entry (our `convert` outputs, and
+    any file that states it) wins; else `ours` for a run checkpoint our training wrote (`"model"` beside one
+    of `_OUR_RUN_KEYS`); anything else is `official` (a released file)."""
+    if isinstance(obj, Mapping):
+        if obj.get("origin") in ("ours", "official"):
+            return obj["origin"]
+        if isinstance(obj.get("model"), Mapping) and any(k in obj for k in _OUR_RUN_KEYS):
+            return "ours"
+    return "official"
+
+
+def read_checkpoint(path: str | os.PathLike, encoding: str | None = None) -> tuple[Any, Origin]:
+    """Read any checkpoint an entry point is given: ours with `weights_only=True`; a file that holds more
+    than tensors goes through `load_official_checkpoint`. Returns (object, origin)."""
+    try:
+        obj = load_checkpoint(path)
+    except UserError as err:
+        if "holds objects other than tensors" not in str(err):
+            raise
+        return load_official_checkpoint(path, encoding), "official"
+    return obj, checkpoint_origin(obj)
+
+
+def save_converted(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, paper: str,
+                   source: str | os.PathLike, origin: Origin = "official", **meta: Any) -> Path:
+    """Write a `convert` output atomically: our key names, `weights_only`-loadable, with the weights' origin
+    (official unless the source was one of our runs), so an evaluation of it is reported truthfully."""
+    return atomic_save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "origin": origin,
+                        "paper": paper, "source": str(source), **meta}, path)
+
+
 _STATE_KEYS = ("state_dict", "model", "model_state_dict", "model_state", "net", "module", "params",
                "student", "network")
 
@@ -309,8 +396,8 @@ def extract_state_dict(obj: Any, key: str | None = None) -> OrderedDict[str, tor
 
 def load_foreign_state_dict(path: str | os.PathLike, key: str | None = None,
                             encoding: str | None = None) -> OrderedDict[str, torch.Tensor]:
-    """Restricted-load an official checkpoint and return its model tensors (see `extract_state_dict`)."""
-    return extract_state_dict(load_foreign(path, encoding), key)
+    """Load an official checkpoint safely and return its model tensors (see `extract_state_dict`)."""
+    return extract_state_dict(load_official_checkpoint(path, encoding), key)
 
 
 def to_plain(obj: Any) -> Any:

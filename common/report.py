@@ -1,10 +1,13 @@
 """Paper targets beside measured results, as Markdown tables.
 
 Reads `<paper>/paper.yaml` (the paper's table rows) and every `result.json` under the outputs
-directory. Prints, per paper: row | metric | paper | ours | delta | status, where status is
-`reproduced` (ours within the row's tolerance of the paper's value, or better), `below`,
-`not run`, or `unknown` (the paper's value is not known). A number is shown only if it was read
-from a file; smoke runs (synthetic data) are listed apart and never compared with the paper.
+directory (`common.results.ResultRecord`). Prints, per paper: row | metric | paper | ours | delta | status |
+official weights, our eval. Only complete training runs of ours on real data with the full profile fill
+"ours" and the status: `reproduced` (within the row's tolerance of the paper's value, or better), `below`,
+`not run`, or `unknown` (the paper's value is not known). An official checkpoint evaluated here on real
+data fills its own column. Smoke, synthetic, cut-short runs and evaluations of our own checkpoints are
+listed apart; files that are not records (old format, unreadable) are skipped with a note. A number is
+shown only if it was read from a file.
 
     python -m common.report [paper ...] [--outputs outputs]
 """
@@ -25,6 +28,7 @@ from typing import Any
 import yaml
 
 from common.errors import UserError, cli_guard
+from common.results import ResultRecord, read_record
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAPERS = ("scalekd", "kernelwarehouse", "ssdkd", "noah", "afdcd", "ske2grid", "norm", "pste_bnn", "gridconv")
@@ -88,27 +92,62 @@ def load_paper_yaml(paper: str, root: str | os.PathLike = REPO_ROOT) -> PaperTab
     return PaperTable(paper=paper, title=str(data.get("paper", paper)), rows=rows)
 
 
-def load_results(outputs: str | os.PathLike, paper: str | None = None) -> list[dict[str, Any]]:
-    """Every readable `result.json` under `outputs` (optionally only `paper`'s)."""
-    base = Path(outputs)
-    if paper is not None:
-        base = base / paper
-    results = []
+@dataclass
+class Gathered:
+    """The result records of one paper, sorted by what they may be used for."""
+
+    ours: dict[str, list[ResultRecord]] = field(default_factory=lambda: defaultdict(list))  # reproductions
+    official: dict[str, list[ResultRecord]] = field(default_factory=lambda: defaultdict(list))  # official, our eval
+    apart: list[tuple[Path, ResultRecord]] = field(default_factory=list)  # smoke, synthetic, cut short, ...
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # old-format or unreadable files
+
+
+def _why_apart(r: ResultRecord) -> str:
+    """Why a record is not compared with the paper (the first reason that applies)."""
+    if r.data == "synthetic":
+        return "synthetic data"
+    if r.profile == "smoke":
+        return "smoke profile"
+    if r.kind == "trained" and not r.complete:
+        return "cut short"
+    if r.kind == "trained" and r.checkpoint != "ours":
+        return "trained from official weights"
+    if r.kind == "evaluated":
+        return "evaluation of our checkpoint"
+    return "other"
+
+
+def gather(outputs: str | os.PathLike, paper: str) -> Gathered:
+    """Read every `result.json` under `outputs/<paper>`; files that are not records are skipped, with a note."""
+    base = Path(outputs) / paper
+    out = Gathered()
     for path in sorted(base.rglob("result.json")) if base.is_dir() else []:
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            record = read_record(path)
+        except ValueError as err:
+            reason = str(err).removeprefix(f"{path}: ")
+            out.skipped.append((path, reason))
             continue
-        if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
-            data["_path"] = str(path)
-            results.append(data)
-    return results
+        if record.paper != paper:
+            out.skipped.append((path, f"a record of paper {record.paper!r}"))
+            continue
+        row = str(record.row or record.experiment)
+        if record.counts_as_reproduction:
+            out.ours[row].append(record)
+        elif record.is_official_eval and record.profile == "full":
+            out.official[row].append(record)
+        else:
+            out.apart.append((path, record))
+    return out
 
 
 def write_result(run_dir: str | os.PathLike, paper: str, experiment: str, row: str | None,
                  profile: str, metrics: Mapping[str, float], seed: int | None = None,
                  **extra: Any) -> Path:
-    """Write `result.json` (the run's final metrics) atomically."""
+    """Legacy writer of a bare `result.json` (no provenance): the report skips what it writes, with a note.
+
+    Kept only while a `train.py` still calls it; new code writes a `common.results.ResultRecord`.
+    """
     path = Path(run_dir) / "result.json"
     record = {"paper": paper, "experiment": experiment, "row": row, "profile": profile,
               "metrics": {k: float(v) for k, v in metrics.items()}, "seed": seed, **extra}
@@ -139,37 +178,45 @@ def status(paper_value: float | None, ours: float | None, higher_is_better: bool
     return "reproduced" if gap >= -tolerance - 1e-9 else "below"
 
 
+def _cell(records: list[ResultRecord], metric: str) -> tuple[float | None, str]:
+    values = [r.metrics[metric] for r in records if metric in r.metrics]
+    if not values:
+        return None, "—"
+    return _aggregate(values)
+
+
 def paper_report(paper: str, outputs: str | os.PathLike = "outputs",
                  root: str | os.PathLike = REPO_ROOT) -> str:
-    """The Markdown report of one paper: the full-profile table, then the smoke runs apart."""
+    """The Markdown report of one paper: the table, then the runs that are not compared with the paper."""
     table = load_paper_yaml(paper, root)
-    results = load_results(outputs, paper)
-    full: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    smoke: list[dict[str, Any]] = []
-    for r in results:
-        if r.get("profile") == "smoke":
-            smoke.append(r)
-        elif r["metrics"].get("complete", 1.0) == 1.0:  # runs cut short by max_steps are not the recipe
-            full[str(r.get("row") or r.get("experiment"))].append(r)
-
-    lines = [f"## {table.title}", "", "| row | metric | paper | ours | Δ | status |", "|---|---|---|---|---|---|"]
+    found = gather(outputs, paper)
+    lines = [f"## {table.title}", "",
+             "| row | metric | paper | ours | Δ | status | official weights, our eval |",
+             "|---|---|---|---|---|---|---|"]
     for row in table.rows:
         for metric, paper_value in row.metrics.items():
-            values = [float(r["metrics"][metric]) for r in full.get(row.id, []) if metric in r["metrics"]]
-            if values:
-                mean, shown = _aggregate(values)
-                delta = _fmt(mean - paper_value) if paper_value is not None else "—"
-                st = status(paper_value, mean, row.better_high(metric), row.tolerance.get(metric, 0.0))
-            else:
-                shown, delta, st = "—", "—", status(paper_value, None)
+            mean, shown = _cell(found.ours.get(row.id, []), metric)
+            delta = _fmt(mean - paper_value) if mean is not None and paper_value is not None else "—"
+            st = status(paper_value, mean, row.better_high(metric), row.tolerance.get(metric, 0.0))
+            _, official = _cell(found.official.get(row.id, []), metric)
             shown_paper = "unknown" if paper_value is None else _fmt(paper_value)  # the spec could not find it
-            lines.append(f"| {row.id} | {metric} | {shown_paper} | {shown} | {delta} | {st} |")
-    if smoke:
-        lines += ["", "Smoke runs (synthetic data, reduced sizes: not comparable with the paper's numbers):", "",
-                  "| experiment | metrics | run |", "|---|---|---|"]
-        for r in smoke:
-            shown = ", ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items() if k != "complete")
-            lines.append(f"| {r.get('experiment')} | {shown} | {Path(r['_path']).parent.name} |")
+            lines.append(f"| {row.id} | {metric} | {shown_paper} | {shown} | {delta} | {st} | {official} |")
+    known = {row.id for row in table.rows}
+    for label, group in (("ours", found.ours), ("official weights, our eval", found.official)):
+        for row_id in sorted(set(group) - known):
+            lines.append(f"\nnote: {len(group[row_id])} {label} record(s) for {row_id!r}, which is not a row of "
+                         "paper.yaml")
+    if found.apart:
+        lines += ["", "Smoke runs and other runs not compared with the paper (smoke profile, synthetic data, cut "
+                  "short, or an evaluation of our own checkpoint):", "",
+                  "| experiment | kind | data | profile | why apart | metrics | run |", "|---|---|---|---|---|---|---|"]
+        for path, r in found.apart:
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in r.metrics.items())
+            lines.append(f"| {r.experiment} | {r.kind} ({r.checkpoint}) | {r.dataset} ({r.data}) | {r.profile} | "
+                         f"{_why_apart(r)} | {shown} | {path.parent.name} |")
+    if found.skipped:
+        lines += ["", f"Skipped {len(found.skipped)} file(s) that are not result records:"]
+        lines += [f"- {path}: {reason}" for path, reason in found.skipped]
     return "\n".join(lines)
 
 

@@ -10,9 +10,12 @@ reproduction from an official checkpoint evaluated here, and a smoke or syntheti
     complete    the full recipe ran (False: cut short by max_steps/max_epochs overrides or a stop)
     selection   which weights the metrics belong to: "last" | "best_heldout" | "best_test"
     profile     "full" | "smoke"
-    seed, git_commit, created, and `extra` (anything else a paper wants to keep, e.g. viewed samples)
+    seed, checkpoint_path, git_commit, created, and `extra` (anything else a paper wants to keep)
 
-Only `kind=trained, data=real, checkpoint=ours, complete=True, profile=full` counts as ours in the report.
+Only `kind=trained, data=real, checkpoint=ours, complete=True, profile=full` counts as ours in the report;
+`kind=evaluated, checkpoint=official, data=real` has its own column ("official weights, our eval");
+everything else is listed apart. An evaluation record (`evaluation_record`) says `complete=True` (the whole
+evaluation split was scored) and `selection="last"` (the given weights, as they are).
 """
 
 from __future__ import annotations
@@ -127,3 +130,33 @@ def read_record(path: str | os.PathLike) -> ResultRecord:
         return ResultRecord.from_dict(data)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def data_kind(dataset: str, root: str | os.PathLike | None = None) -> Literal["real", "synthetic"]:
+    """`synthetic` when the dataset's config name says so (`synthetic*`) or its folder (or a folder directly
+    inside it) carries the marker every synthetic writer leaves (`common.data.base.MARKER_NAME`), else `real`.
+
+    The marker catches synthetic data written in a real layout and read under the real dataset's name.
+    """
+    from common.data.base import MARKER_NAME
+
+    if str(dataset).lower().startswith("synthetic"):
+        return "synthetic"
+    if root is not None:
+        base = Path(root).expanduser()
+        folder = base if base.is_dir() else base.parent
+        if (folder / MARKER_NAME).is_file() or any((c / MARKER_NAME).is_file() for c in folder.glob("*/")):
+            return "synthetic"
+    return "real"
+
+
+def evaluation_record(paper: str, experiment: str, row: str | None, metrics: Mapping[str, float], dataset: str,
+                      checkpoint: Literal["ours", "official"], profile: str, checkpoint_path: str | os.PathLike,
+                      seed: int | None = None, data_root: str | os.PathLike | None = None,
+                      **extra: Any) -> ResultRecord:
+    """The record every paper's `eval` entry point writes: a checkpoint scored on a dataset's whole split."""
+    return ResultRecord(paper=paper, experiment=experiment, row=row, kind="evaluated", metrics=dict(metrics),
+                        dataset=str(dataset), data=data_kind(dataset, data_root), checkpoint=checkpoint,
+                        complete=True,
+                        selection="last", profile=profile,  # type: ignore[arg-type]
+                        seed=seed, checkpoint_path=str(checkpoint_path), extra=dict(extra))

@@ -68,3 +68,209 @@ def require_or_skip(path: Path | None, what: str) -> Path:
     if fixtures_required():
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+# --------------------------------------------------------------------------------------------------
+# Golden harness helpers: recorded programs and calls, recorded keys, gradients judged at the model's scale
+# --------------------------------------------------------------------------------------------------
+GRAD_NOISE = 1e-6  # a reference gradient below this fraction of the model's largest holds only float noise
+
+
+def gradient_scale(values: Any) -> float:
+    """The largest magnitude over a collection of reference gradients (tensors or norms)."""
+    import torch
+
+    items = values.values() if isinstance(values, dict) else values
+    return max((float(v.abs().max()) if isinstance(v, torch.Tensor) else abs(float(v)) for v in items),
+               default=0.0)
+
+
+def assert_grad_close(ours: Any, ref: Any, name: str, *, scale: float, rel: float, floor: float,
+                      rtol: float = 0.0, noise: float = GRAD_NOISE) -> None:
+    """A gradient tensor within the fixture README's per-tensor tolerance `atol = rel * max|ref| + floor`.
+
+    A reference whose largest entry is at float-noise level of the model's gradients (`<= noise * scale`;
+    mathematically zero, e.g. a BatchNorm bias followed by BatchNorm in train mode) is only float noise in
+    both implementations: it is judged with `atol = noise * scale` instead. Every other tensor keeps the
+    README tolerance unchanged.
+    """
+    import torch
+
+    ref_max = float(ref.abs().max()) if ref.numel() else 0.0
+    atol = rel * ref_max + floor
+    if ref_max <= noise * scale:
+        atol = max(atol, noise * scale)
+    ours = torch.zeros_like(ref) if ours is None else ours.detach().reshape(ref.shape).to(ref.dtype)
+    torch.testing.assert_close(ours, ref, rtol=rtol, atol=atol, msg=lambda m: f"gradient {name}: {m}")
+
+
+def assert_norm_close(ours: float, ref: float, name: str, *, scale: float, rel: float, floor: float,
+                      noise: float = GRAD_NOISE) -> None:
+    """A gradient norm (or sum) within `max(rel * |ref|, floor)` (pytest.approx's rule), or at noise level of
+    the model's gradients (`noise * scale`) when the reference is."""
+    tol = max(rel * abs(ref), floor)
+    if abs(ref) <= noise * scale:
+        tol = max(tol, noise * scale)
+    assert abs(ours - ref) <= tol, f"{name}: ours {ours:.6g} vs reference {ref:.6g} (tolerance {tol:.3g})"
+
+
+def recorded_temperature(key: str, entry: Any = None) -> float:
+    """The temperature an output block was recorded at: its own `temperature` entry, else the key's suffix
+    (`eval_tau0` -> 0, `eval_tau05` -> 0.5, `eval_tau0.25` / `eval_tau0_25` / `T=1.0` -> the number)."""
+    import re
+
+    if isinstance(entry, dict) and "temperature" in entry:
+        return float(entry["temperature"])
+    m = re.search(r"(?:tau|T=?)(\d+(?:[._p]\d+)?)$", key)
+    if m is None:
+        raise ValueError(f"{key}: no temperature recorded in the key or the block")
+    text = re.sub(r"[_p]", ".", m.group(1))
+    if "." not in text and len(text) > 1 and text.startswith("0"):
+        text = "0." + text[1:]  # eval_tau05: the dot of 0.5 is dropped in key names
+    return float(text)
+
+
+def _strip_note(text: str) -> str:
+    """Longest prefix of `text` that parses as a Python expression (drops a trailing note)."""
+    import ast
+
+    text = text.strip()
+    for end in range(len(text), 0, -1):
+        candidate = text[:end].rstrip()
+        if not candidate or candidate[-1] in "+-*/,(=":
+            continue
+        try:
+            ast.parse(candidate, mode="eval")
+        except SyntaxError:
+            continue
+        return candidate
+    raise ValueError(f"cannot parse {text!r} as an expression")
+
+
+def parse_call(text: str) -> tuple[str, list[Any], dict[str, Any]]:
+    """A recorded builder call, e.g. ``'models/x.py: kw_mobilenetv2_050(num_classes=10, ...) ; notes'``
+    -> (name, positional args, keyword args). A leading `file:` and any trailing note are ignored."""
+    import ast
+    import re
+
+    m = re.search(r"[A-Za-z_][\w.]*\s*\(", text)
+    if m is None:
+        raise ValueError(f"no call in {text!r}")
+    depth, end = 0, None
+    for i in range(m.end() - 1, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            end = i + 1
+            break
+    if end is None:
+        raise ValueError(f"unbalanced call in {text!r}")
+    node = ast.parse(text[m.start():end], mode="eval").body
+    assert isinstance(node, ast.Call)
+    name = ast.unparse(node.func).rsplit(".", 1)[-1]
+    return (name, [ast.literal_eval(a) for a in node.args],
+            {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg is not None})
+
+
+def _program_ops() -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    def spatial(t: Any) -> tuple[int, ...]:
+        return tuple(range(2, t.dim()))
+
+    return {
+        # elementwise
+        "relu": F.relu, "relu6": F.relu6, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "leaky_relu": F.leaky_relu,
+        "elu": F.elu, "softplus": F.softplus, "exp": torch.exp, "abs": torch.abs, "neg": torch.neg,
+        "sqrt": torch.sqrt, "identity": lambda t: t, "softmax": lambda t, dim=-1: t.softmax(dim),
+        "log_softmax": lambda t, dim=-1: t.log_softmax(dim), "dropout": lambda t, *a, **k: t,
+        # pooling and reductions
+        "mean_HW": lambda t: t.mean(dim=spatial(t)), "mean_hw": lambda t: t.mean(dim=spatial(t)),
+        "gap": lambda t: t.mean(dim=spatial(t)), "global_avg_pool": lambda t: t.mean(dim=spatial(t)),
+        "max_HW": lambda t: t.amax(dim=spatial(t)), "sum_HW": lambda t: t.sum(dim=spatial(t)),
+        "mean": torch.mean, "sum": torch.sum, "amax": torch.amax, "max": torch.amax,
+        "avg_pool2d": F.avg_pool2d, "max_pool2d": F.max_pool2d, "avg_pool1d": F.avg_pool1d,
+        "max_pool1d": F.max_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+        "adaptive_max_pool2d": F.adaptive_max_pool2d, "adaptive_avg_pool1d": F.adaptive_avg_pool1d,
+        # reshapes and joins
+        "flatten": torch.flatten, "reshape": torch.reshape, "view": lambda t, *s: t.reshape(*s),
+        "transpose": torch.transpose, "permute": lambda t, *d: t.permute(*d), "squeeze": torch.squeeze,
+        "unsqueeze": torch.unsqueeze, "cat": torch.cat, "concat": torch.cat, "stack": torch.stack,
+        "add": torch.add, "mul": torch.mul, "matmul": torch.matmul,
+        # losses a recorded train step may name
+        "cross_entropy": F.cross_entropy, "mse_loss": F.mse_loss, "l1_loss": F.l1_loss,
+    }
+
+
+_TENSOR_METHODS = {"flatten", "reshape", "view", "transpose", "permute", "mean", "sum", "amax", "squeeze",
+                   "unsqueeze", "relu", "sigmoid", "tanh", "softmax", "log_softmax", "t", "contiguous", "abs",
+                   "exp", "pow", "sqrt", "max", "min"}
+
+
+def evaluate_expression(text: str, env: dict[str, Any]) -> Any:
+    """Evaluate one recorded expression (names from `env` and the known operations; no Python builtins,
+    attributes only as whitelisted tensor methods). `name_{H,W}` is read as `name_HW`."""
+    import ast
+    import operator
+    import re
+
+    ops = {**_program_ops(), **env}
+    text = re.sub(r"(\w+)_\{([\w\s,]+)\}", lambda m: m.group(1) + "_" + re.sub(r"[\s,]", "", m.group(2)), text)
+    binary = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.MatMult: operator.matmul, ast.Pow: operator.pow, ast.FloorDiv: operator.floordiv}
+    unary = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+    def ev(node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id not in ops:
+                raise KeyError(f"recorded program names {node.id!r}, which is neither a value nor a known operation")
+            return ops[node.id]
+        if isinstance(node, ast.List):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.Tuple):
+            return tuple(ev(e) for e in node.elts)
+        if isinstance(node, ast.BinOp) and type(node.op) in binary:
+            return binary[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in unary:
+            return unary[type(node.op)](ev(node.operand))
+        if isinstance(node, ast.Subscript):
+            return ev(node.value)[ev(node.slice)]
+        if isinstance(node, ast.Slice):
+            return slice(*(None if p is None else ev(p) for p in (node.lower, node.upper, node.step)))
+        if isinstance(node, ast.Call):
+            kwargs = {k.arg: ev(k.value) for k in node.keywords if k.arg is not None}
+            args = [ev(a) for a in node.args]
+            if isinstance(node.func, ast.Attribute):
+                if node.func.attr not in _TENSOR_METHODS:
+                    raise ValueError(f"recorded program calls .{node.func.attr}(), not a known tensor method")
+                return getattr(ev(node.func.value), node.func.attr)(*args, **kwargs)
+            return ev(node.func)(*args, **kwargs)
+        raise ValueError(f"unsupported syntax in a recorded program: {ast.dump(node)[:80]}")
+
+    return ev(ast.parse(_strip_note(text), mode="eval"))
+
+
+def run_program(program: str, env: dict[str, Any]) -> dict[str, Any]:
+    """Run a recorded forward program such as ``h1=relu(conv_a(x)); out=head(mean_{H,W}(h3))``.
+
+    Statements are separated by `;` or new lines; `#` comments and segments that are not assignments
+    (notes) are skipped, a trailing note after an expression is dropped. Returns `env` with every
+    assigned name; the program must assign `out`.
+    """
+    import re
+
+    env = dict(env)
+    lines = [line.split("#", 1)[0] for line in program.splitlines()]
+    for segment in ";".join(lines).split(";"):
+        m = re.match(r"\s*([A-Za-z_]\w*)\s*=(?!=)(.*)$", segment)
+        if m is None:
+            continue  # a note
+        env[m.group(1)] = evaluate_expression(m.group(2), env)
+    if "out" not in env:
+        raise ValueError(f"the recorded program assigns no 'out': {program!r}")
+    return env

@@ -6,6 +6,9 @@ layers, and the kernel-attention temperature (not stored by the official code) s
 Missing and unexpected keys are reported by name.
 
     python -m gridconv.convert official.pth.tar ours.pt --padding c r [--temperature 30]
+
+writes (atomically, ``weights_only``-loadable, marked as official weights) the file ``gridconv.eval`` and
+``gridconv.infer`` read: our state_dict, the model config, and the official file's metadata.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from typing import Any
 
 import torch
 
-from common.checkpoint import extract_state_dict, load_foreign, load_state_dict_verbose, to_plain
+from common.checkpoint import (
+    extract_state_dict,
+    load_official_checkpoint,
+    load_state_dict_verbose,
+    save_converted,
+    to_plain,
+)
+from common.errors import cli_guard
 
 from .gridconv import GridLiftingNetwork
 
@@ -143,38 +153,51 @@ def infer_model_config(state_dict: Mapping[str, torch.Tensor],
                          grid_shape=(side, cells // side), padding_mode=tuple(padding_mode))
 
 
-def load_official(path: str | Path, padding_mode: tuple[str, str] = ("c", "r"), temperature: float = 30.0,
-                  strict: bool = True) -> tuple[GridLiftingNetwork, dict[str, Any]]:
-    """Build the network an official checkpoint describes and load it through the restricted unpickler
-    (the official files pickle the Adam optimizer object; nothing from the file is executed).
-
-    Returns the model and metadata: the checkpoint's epoch / lr / error, the model arguments, and the
-    missing / unexpected keys.
-    """
-    ckpt = load_foreign(path)
+def official_from_checkpoint(ckpt: Any, padding_mode: tuple[str, str] = ("c", "r"), temperature: float = 30.0,
+                             strict: bool = True, source: str = "official checkpoint"
+                             ) -> tuple[GridLiftingNetwork, dict[str, Any]]:
+    """Build the network a loaded official checkpoint describes and load its weights (see ``load_official``)."""
     key = "state_dict" if isinstance(ckpt, Mapping) and "state_dict" in ckpt else None
     state = extract_state_dict(ckpt, key)
     config = infer_model_config(state, padding_mode)
     model = GridLiftingNetwork(**config)
     missing, unexpected = load_state_dict_verbose(model, checkpoint_filter_fn(state, model, temperature),
-                                                  strict=strict, source=str(path))
+                                                  strict=strict, source=source)
     meta = {k: to_plain(ckpt[k]) for k in ("epoch", "lr", "error") if isinstance(ckpt, Mapping) and k in ckpt}
     return model, meta | {"model": config, "missing_keys": missing, "unexpected_keys": unexpected}
 
 
+def load_official(path: str | Path, padding_mode: tuple[str, str] = ("c", "r"), temperature: float = 30.0,
+                  strict: bool = True) -> tuple[GridLiftingNetwork, dict[str, Any]]:
+    """Build the network an official checkpoint describes and load it safely (``weights_only`` with the
+    allow-list, else the restricted unpickler: the official files pickle the Adam optimizer object; nothing
+    from the file is executed).
+
+    Returns the model and metadata: the checkpoint's epoch / lr / error, the model arguments, and the
+    missing / unexpected keys.
+    """
+    return official_from_checkpoint(load_official_checkpoint(path), padding_mode, temperature, strict, str(path))
+
+
+def model_config(network_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``GridLiftingNetwork`` arguments -> the model config ``gridconv.models.build_model`` reads."""
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in network_kwargs.items() if k != "dynamic"}
+    return {"arch": "dgridconv" if network_kwargs.get("dynamic", True) else "gridconv", **kwargs}
+
+
+@cli_guard
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="official checkpoint (.pth.tar)")
-    parser.add_argument("target", help="where to write this project's state_dict (.pt)")
+    parser.add_argument("target", help="where to write the checkpoint gridconv.eval / gridconv.infer read (.pt)")
     parser.add_argument("--padding", nargs=2, default=["c", "r"], help="padding modes of the two branches")
     parser.add_argument("--temperature", type=float, default=30.0, help="kernel-attention temperature")
     args = parser.parse_args(argv)
     model, meta = load_official(args.source, tuple(args.padding), args.temperature)
-    torch.save({"state_dict": model.state_dict(), "model": meta["model"], "official_meta": meta}, args.target)
+    save_converted(model.state_dict(), args.target, "gridconv", args.source, model_config=model_config(meta["model"]),
+                   official_meta={k: v for k, v in meta.items() if k != "model"})
     print(f"wrote {args.target}: {sum(p.numel() for p in model.parameters()):,} parameters, {meta}")
 
 
 if __name__ == "__main__":
-    from common.errors import cli_guard
-
-    cli_guard(main)()
+    main()

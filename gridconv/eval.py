@@ -7,14 +7,17 @@ MPI-INF-3DHP test set (PCK@150mm, AUC, per scene).
     python -m gridconv.eval experiment=gt_dgridconv_learnable data=mpi3dhp \\
         data.root=/data/mpi_inf_3dhp_valid.npz checkpoint=...
 
-Official checkpoints pickle the optimizer object; they are read through the restricted unpickler
-(``common.checkpoint``), never executed. Their padding modes come from the experiment (README: c r for
+Official checkpoints pickle the optimizer object; they are read safely (``common.checkpoint``: the allow-list,
+then the restricted unpickler), never executed; ``gridconv.convert``'s output is read with ``weights_only``.
+The metrics go to ``result.json`` (``common.results``: kind=evaluated, origin ours/official, real/synthetic).
+Official releases take their padding modes from the experiment (README: c r for
 GT rows, c z for HRNet rows), their temperature from ``temperature=`` (default 30, as the official --eval).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from common.checkpoint import load_checkpoint, load_state_dict_verbose
+from common.checkpoint import load_state_dict_verbose, read_checkpoint
 from common.config import hydra_main, run_dir, save_resolved
 from common.errors import UserError
+from common.results import evaluation_record, write_record
 
-from .convert import load_official
+from .convert import official_from_checkpoint
 from .data import read_h36m, read_mpi3dhp
 from .models import build_model
 from .train import CONFIG_DIR, PAPER, evaluate, validate_config
@@ -36,25 +40,27 @@ OFFICIAL_TEMPERATURE = 30.0
 
 def load_model(path: str | Path, padding_mode: tuple[str, str],
                temperature: float | None) -> tuple[nn.Module, dict]:
-    """Our checkpoint (weights_only) or, failing that, an official one through the converter."""
-    try:
-        saved = load_checkpoint(path)
-    except UserError as err:
-        if "other than tensors" not in str(err):
-            raise
-        model, meta = load_official(path, padding_mode, temperature or OFFICIAL_TEMPERATURE)
+    """Any checkpoint eval / infer are given: ours (a run's last.pt / best.pt) or ``gridconv.convert``'s
+    output, read with ``weights_only=True``; an official release through the safe official loader and the
+    converter. ``meta["source"]`` is the weights' origin, ``ours`` or ``official``."""
+    saved, origin = read_checkpoint(path)
+    if not isinstance(saved, Mapping):
+        raise UserError(f"{path} holds a {type(saved).__name__}, not a gridconv checkpoint")
+    if origin == "official" and not (saved.get("paper") == PAPER and "state_dict" in saved):  # a release
+        model, meta = official_from_checkpoint(saved, padding_mode, temperature or OFFICIAL_TEMPERATURE,
+                                               source=str(path))
         return model, meta | {"source": "official"}
-    except Exception as err:  # noqa: BLE001 - e.g. struct.error on a truncated file
-        raise UserError(f"checkpoint {path} is corrupt or not a torch checkpoint ({type(err).__name__}); "
-                        "re-download or re-save it") from None
-    if "model" not in saved or "model_config" not in saved:
-        raise UserError(f"{path} is not a gridconv checkpoint (no 'model' / 'model_config'); pass last.pt or "
-                        "best.pt of a gridconv run, or an official .pth.tar")
-    model = build_model(saved["model_config"])
-    load_state_dict_verbose(model, saved["model"], source=str(path))
+    weights, config = (saved.get("state_dict"), saved.get("model_config")) if origin == "official" else (
+        saved.get("model"), saved.get("model_config"))
+    if weights is None or config is None:
+        raise UserError(f"{path} is not a gridconv checkpoint (no weights / 'model_config'); pass last.pt or "
+                        "best.pt of a gridconv run, the output of gridconv.convert, or an official .pth.tar")
+    model = build_model(config)
+    load_state_dict_verbose(model, weights, source=str(path))
     if temperature is not None:
         model.set_temperature(temperature)
-    return model, {"source": "ours", "state": saved.get("state", {})}
+    extra = {"state": saved.get("state", {})} if origin == "ours" else dict(saved.get("official_meta") or {})
+    return model, {"source": origin, **extra}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -74,10 +80,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                        "mpi3dhp" if c.data.name == "mpi3dhp" else "h36m")
     out = run_dir(cfg, PAPER, f"eval_{cfg.name}")
     save_resolved(cfg, out)
-    record = {"checkpoint": str(cfg.checkpoint), "temperature": getattr(model, "temperature", None),
-              "frames": len(poses), "metrics": metrics,
-              "source": meta.get("source"), "official_meta": {k: v for k, v in meta.items() if k != "state"}}
-    (out / "eval.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    temperature = getattr(model, "temperature", None)
+    official_meta = {k: v for k, v in meta.items() if k not in ("state", "source")}
+    record = {"checkpoint": str(cfg.checkpoint), "temperature": temperature, "frames": len(poses),
+              "metrics": metrics, "source": meta["source"], "official_meta": official_meta}
+    write_record(out, evaluation_record(PAPER, str(cfg.name), cfg.get("row"), metrics, c.data.name, meta["source"],
+                                        str(cfg.get("profile", "full")), cfg.checkpoint, data_root=c.data.root,
+                                        temperature=None if temperature is None else float(temperature),
+                                        frames=len(poses), official_meta=json.loads(json.dumps(official_meta,
+                                                                                               default=str))))
     print(f"{cfg.checkpoint} on {c.data.name} ({len(poses)} frames, T={record['temperature']}):")
     for key, value in metrics.items():
         print(f"  {key:<22s} {value:8.2f}")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from common.data.base import write_marker
+
 from .data import ACTIONS, TEST_SUBJECTS, TRAIN_SUBJECTS
 from .h36m_cameras import CAMERA_IDS
 
@@ -149,6 +151,9 @@ def write_synthetic_h36m(root: str | Path, train_frames: int = 4, test_frames: i
             folder.mkdir(parents=True, exist_ok=True)
             torch.save(data_2d, folder / f"{split}_custom_2d_unnorm.pth.tar")
             torch.save(data_3d, folder / f"{split}_custom_3d_unnorm.pth.tar")
+    # the synthetic writers' marker: records of runs on this folder say data=synthetic (common.results)
+    write_marker(root, {"format": "h36m", "train_frames": train_frames, "test_frames": test_frames, "seed": seed,
+                        "noise_px": noise_px, "inputs": list(inputs)})
     return root
 
 

@@ -4,8 +4,8 @@ The official models keep torchvision / Facebook-ConvNeXt names and one ``warehou
 per warehouse, indexed by order of first reservation. Ours are timm models whose eligible layers were
 swapped for KW layers (``kernelwarehouse.models.convert_model``). Conversion is a few explicit rules:
 
-1. a per-family prefix rename (``features.0.0`` -> ``conv_stem``, ``downsample_layers.1.1`` ->
-   ``stages.1.downsample.1`` ...), applied to the longest matching official prefix;
+1. a per-family prefix rename (``features.0.0`` -> ``conv_stem`` ...; ConvNeXt uses timm's own
+   ``checkpoint_filter_fn`` key rules, ``downsample_layers.1.1`` -> ``stages.1.downsample.1`` ...);
 2. a KW linear layer keeps its parameters directly, not under ``.conv.`` (official ``KWLinear`` wraps a
    ``KWConv1d``);
 3. warehouses are matched *by name*: the official index order is recovered from the order in which the
@@ -15,18 +15,26 @@ swapped for KW layers (``kernelwarehouse.models.convert_model``). Conversion is 
 
 ``beta`` and ``tau`` are not in official checkpoints: ``beta`` is rebuilt at construction and ``tau`` is
 set to 0 (the official default for a freshly built model, spec §b.9 / §g).
+
+``checkpoint_filter_fn(state_dict, model)`` is the pure conversion; ``python -m kernelwarehouse.convert`` writes
+(atomically) the file ``kernelwarehouse.eval`` reads, marked as official weights for the result record.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
+from common.checkpoint import load_foreign_state_dict, save_converted
+from common.errors import UserError, cli_guard
 from kernelwarehouse.warehouse import KWLayer, KWLinear, WarehouseManager
 
 _WAREHOUSE_KEY = re.compile(r"^(?P<prefix>.*?)warehouse_manager\.weights\.(?P<k>\d+)$")
@@ -82,26 +90,13 @@ def mobilenetv2_rules(model: nn.Module) -> Callable[[str], str]:
 
 
 def convnext_rules(model: nn.Module) -> Callable[[str], str]:
-    """Facebook-layout ConvNeXt (official) -> timm ``convnext_*`` names (KW and plain)."""
+    """Facebook-layout ConvNeXt (official) -> timm ``convnext_*`` names: timm's own key filter
+    (``timm.models.convnext.checkpoint_filter_fn``), applied one key at a time (KW and plain)."""
+    from timm.models.convnext import checkpoint_filter_fn as timm_filter
 
     def rename(key: str) -> str:
-        rules = [
-            (r"^downsample_layers\.0\.0\.", "stem.0."),
-            (r"^downsample_layers\.0\.1\.", "stem.1."),
-            (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
-            (r"^stages\.(\d+)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
-            (r"^stages\.(\d+)\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
-            (r"^stages\.(\d+)\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
-            (r"^stages\.(\d+)\.(\d+)\.gamma$", r"stages.\1.blocks.\2.gamma"),
-            (r"^stages\.(\d+)\.(\d+)\.norm\.", r"stages.\1.blocks.\2.norm."),
-            (r"^norm\.", "head.norm."),
-            (r"^head\.(weight|bias)$", r"head.fc.\1"),
-        ]
-        for pattern, repl in rules:
-            new, count = re.subn(pattern, repl, key)
-            if count:
-                return new
-        return key
+        # a 0-element stand-in tensor: timm's rules only rename it (its reshapes need our shapes, rule 4 does)
+        return next(iter(timm_filter({key: torch.empty(0)}, model)))
 
     return rename
 
@@ -184,6 +179,18 @@ def convert_state_dict(official: Mapping[str, torch.Tensor], model: nn.Module,
     return out
 
 
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Official KernelWarehouse state_dict -> ``model``'s (timm's convention; pure: nothing is loaded).
+
+    A state_dict already in our names passes through unchanged.
+    """
+    ours = model.state_dict()
+    if set(state_dict) <= set(ours) and all(k.endswith("warehouse_manager.temperature") for k in set(ours) -
+                                            set(state_dict)):
+        return dict(state_dict)
+    return dict(convert_state_dict(state_dict, model))
+
+
 def load_official(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
                   rename: Callable[[str], str] | None = None, key: str | None = None,
                   strict: bool = True) -> tuple[list[str], list[str]]:
@@ -192,13 +199,8 @@ def load_official(model: nn.Module, source: str | os.PathLike | Mapping[str, tor
     Missing keys that are ours only (the temperature buffer) are ignored; ``tau`` is set to 0.
     With ``strict`` any other missing/unexpected key or shape mismatch raises, naming the keys.
     """
-    if isinstance(source, Mapping):
-        state = source
-    else:
-        from common.checkpoint import load_foreign_state_dict
-
-        state = load_foreign_state_dict(source, key=key)
-    converted = convert_state_dict(state, model, rename)
+    state = source if isinstance(source, Mapping) else load_foreign_state_dict(source, key=key)
+    converted = convert_state_dict(state, model, rename) if rename else checkpoint_filter_fn(state, model)
     ours = model.state_dict()
     mismatched = [k for k, v in converted.items() if k in ours and ours[k].shape != v.shape]
     missing = [k for k in ours if k not in converted and not k.endswith("warehouse_manager.temperature")]
@@ -217,3 +219,48 @@ def load_official(model: nn.Module, source: str | os.PathLike | Mapping[str, tor
     if found is not None:
         found[1].set_temperature(0.0)
     return missing, unexpected
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The experiment's composed config (``experiment=<row> ...``), as ``kernelwarehouse.eval`` sees it."""
+    from hydra import compose, initialize_config_dir
+
+    from kernelwarehouse.train import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR.resolve()), version_base=None):
+        return compose("train", overrides)
+
+
+def convert_file(source: str | os.PathLike, target: str | os.PathLike, overrides: list[str]) -> Path:
+    """Official checkpoint ``source`` -> ``target`` in our names, for the model the overrides compose."""
+    from common.config import validate
+    from kernelwarehouse.train import DataConfig, MethodConfig, ModelConfig, build_model
+
+    cfg = compose_config(overrides)
+    model = build_model(validate(cfg.model, ModelConfig, "model."), validate(cfg.data, DataConfig, "data."),
+                        validate(cfg.method, MethodConfig, "method."))
+    try:
+        load_official(model, source, key=cfg.get("checkpoint_key"))
+    except ValueError as err:
+        raise UserError(f"{source}: {err}") from None
+    return save_converted(model.state_dict(), target, "kernelwarehouse", source, experiment=str(cfg.name),
+                          model=str(cfg.model.name))
+
+
+@cli_guard
+def main(argv: list[str] | None = None) -> None:
+    """``python -m kernelwarehouse.convert OFFICIAL.pth OURS.pt experiment=<row> [checkpoint_key=model_ema]``
+
+    Writes (atomically) what ``kernelwarehouse.eval checkpoint=OURS.pt`` reads; tau is 0 in the file.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    paths = [a for a in args if "=" not in a]
+    if len(paths) != 2 or any(a in ("-h", "--help") for a in args):
+        raise UserError("usage: python -m kernelwarehouse.convert OFFICIAL.pth OURS.pt experiment=<row> "
+                        "[checkpoint_key=model_ema] [other config overrides]")
+    out = convert_file(paths[0], paths[1], [a for a in args if "=" in a])
+    print(f"wrote {out} (official weights in our names; evaluate with kernelwarehouse.eval checkpoint={out})")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,8 +4,9 @@
     python -m kernelwarehouse.eval experiment=kw1x_convnext_tiny ... checkpoint=x.pth checkpoint_key=model_ema
     python -m kernelwarehouse.eval experiment=kw1x_resnet18 profile=smoke checkpoint=outputs/.../best.pt
 
-``checkpoint`` is one of our runs' ``last.pt`` / ``best.pt`` or a released official ``.pth`` (read with a
-restricted unpickler and converted by ``kernelwarehouse.convert``; tau = 0 as in the official evaluation).
+``checkpoint`` is one of our runs' ``last.pt`` / ``best.pt``, the output of ``kernelwarehouse.convert``, or a
+released official ``.pth`` (read safely and converted on the fly; tau = 0 as in the official evaluation).
+Writes ``result.json`` (``common.results``: kind=evaluated, the weights' origin ours/official, real/synthetic).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from common.checkpoint import load_foreign_state_dict
+from common.checkpoint import extract_state_dict, load_state_dict_verbose, read_checkpoint
 from common.config import TrainerConfig, hydra_main, save_resolved, validate
 from common.dist import cleanup, init_distributed
 from common.engine import eval_loader, evaluate, resolve_amp, resolve_channels_last
 from common.errors import UserError
-from common.report import write_result
+from common.results import evaluation_record, write_record
 from kernelwarehouse.convert import load_official
 from kernelwarehouse.train import (
     CONFIG_DIR,
@@ -36,26 +37,27 @@ from kernelwarehouse.train import (
 
 
 def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> str:
-    """Load our checkpoint or an official one into ``model``; returns which kind it was."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass checkpoint=/path/to/file.pth")
-    state = load_foreign_state_dict(path, key)
-    ours = model.state_dict()
-    if all(k.startswith("model.") for k in state):  # a Trainer checkpoint of the method wrapper
-        state = type(state)((k[len("model."):], v) for k, v in state.items())
-    if set(state) == set(ours):
-        mismatched = [k for k, v in state.items() if v.shape != ours[k].shape]
-        if mismatched:
-            raise UserError(f"checkpoint {path} does not fit model {type(model).__name__}: shape mismatch at "
-                            f"{mismatched[:4]}; is it another row's checkpoint?")
-        model.load_state_dict(state, strict=True)
-        return "ours"
+    """Load ``path`` into ``model``; returns the weights' origin, ``ours`` or ``official``.
+
+    Our files (a run's ``last.pt`` / ``best.pt``, or ``kernelwarehouse.convert``'s output) are read with
+    ``weights_only=True``; anything else is an official release, read safely and converted by
+    ``kernelwarehouse.convert.checkpoint_filter_fn`` (tau = 0, as in the official evaluation).
+    """
+    obj, origin = read_checkpoint(path)
+    if isinstance(obj, dict) and origin == "ours":  # a run checkpoint: {"model": the method wrapper's state}
+        state = obj["model"]
+        if all(k.startswith("model.") for k in state):
+            state = {k[len("model."):]: v for k, v in state.items()}
+        load_state_dict_verbose(model, state, source=f"checkpoint {path} (is it another row's checkpoint?)")
+        return origin
+    if isinstance(obj, dict) and obj.get("paper") == PAPER and "state_dict" in obj:  # converted already
+        load_state_dict_verbose(model, obj["state_dict"], source=f"converted checkpoint {path}")
+        return origin
     try:
-        load_official(model, state)
+        load_official(model, extract_state_dict(obj, key))
     except ValueError as err:
         raise UserError(f"checkpoint {path} fits neither our model nor the official one: {err}") from None
-    return "official"
+    return origin
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -80,8 +82,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if env.is_main:
         out = Path(cfg.output_dir) / PAPER / cfg.name / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
         save_resolved(cfg, out)
-        write_result(out, PAPER, cfg.name, cfg.row, cfg.profile, metrics, seed=None,
-                     checkpoint=str(cfg.checkpoint), checkpoint_kind=kind)
+        write_record(out, evaluation_record(PAPER, cfg.name, cfg.row, metrics, data.name, kind, cfg.profile,
+                                            cfg.checkpoint, data_root=data.root,
+                                            checkpoint_key=cfg.get("checkpoint_key")))
         print(f"{cfg.name} ({kind} checkpoint): " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     cleanup()
     return metrics

@@ -18,8 +18,10 @@ Rules, applied in order to every key of an official state dict (after `{'model':
     python -m norm.convert TEACHER.pth OUT.pt --arch resnet32x4 --teacher
     python -m norm.convert RUN_DIR/best.pt OUT.pt --arch resnet8x4 --teacher-channels 256 --fold
 
-`--fold` writes the deployed plain student (FT merged into the classifier) and reports the max logit
-deviation against the unfolded student on a random batch.
+The output (written atomically, `weights_only`-loadable, marked with the weights' origin) is what `norm.eval`
+reads: a student for the NORM rows, a plain network for the CE rows (`--teacher`, or `--fold`, which writes
+the deployed plain student, FT merged into the classifier, and reports the max logit deviation against the
+unfolded student on a random batch). `checkpoint_filter_fn(state_dict, model)` is the pure key conversion.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from common.checkpoint import (
-    atomic_save,
+    Origin,
     extract_state_dict,
-    load_foreign_state_dict,
     load_state_dict_verbose,
+    read_checkpoint,
+    save_converted,
 )
 from common.errors import UserError, cli_guard
 
@@ -106,6 +109,27 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], arch: str,
     return out
 
 
+def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module) -> OrderedDict[str, Tensor]:
+    """Official (NORM / RepDistiller / torchvision) state dict -> ``model``'s keys (timm's convention, pure).
+
+    ``model`` is a ``NORMStudent`` or a plain network; the MobileNet-v1 rule applies when the keys are the
+    official MobileNet's (``model1.*``).
+    """
+    arch = "mobilenet_v1" if any(k.removeprefix("module.").startswith("model1.") for k in state_dict) else ""
+    return convert_state_dict(state_dict, arch, student=isinstance(model, NORMStudent))
+
+
+def read_state_dict(path: str | Path) -> tuple[Mapping[str, Tensor], Origin]:
+    """The tensors of a checkpoint file and their origin: our run's ``best.pt`` / ``last.pt`` and
+    ``norm.convert`` outputs with ``weights_only=True``, an official file through the safe official loader."""
+    obj, origin = read_checkpoint(path)
+    if isinstance(obj, Mapping) and obj.get("paper") == "norm" and "state_dict" in obj:  # a convert output
+        return obj["state_dict"], origin
+    if origin == "ours":
+        return obj["model"], origin
+    return extract_state_dict(obj), origin
+
+
 def infer_n(state_dict: Mapping[str, Tensor], teacher_channels: int) -> int:
     """N from the FT's first conv, `[N*C_t, C_s, 1, 1]` (converted keys)."""
     if "ft.expand.0.weight" not in state_dict:
@@ -125,7 +149,7 @@ def num_classes_of(state_dict: Mapping[str, Tensor]) -> int:
 def load_student(source: str | Path | Mapping[str, Tensor], arch: str, teacher_channels: int,
                  num_classes: int | None = None) -> NORMStudent:
     """A NORM student checkpoint (official, or one of ours) as a `NORMStudent`; mismatches are named."""
-    raw = load_foreign_state_dict(source) if isinstance(source, (str, Path)) else extract_state_dict(source)
+    raw = read_state_dict(source)[0] if isinstance(source, (str, Path)) else extract_state_dict(source)
     sd = convert_state_dict(raw, arch, student=True)
     n = infer_n(sd, teacher_channels)
     net = create_model(arch, num_classes or num_classes_of(sd), norm_variant=True)
@@ -138,7 +162,7 @@ def load_teacher(source: str | Path | Mapping[str, Tensor], arch: str,
                  num_classes: int | None = None) -> nn.Module:
     """A teacher (RepDistiller / torchvision file, one of our runs, or a state dict) as our plain network,
     in eval mode."""
-    raw = load_foreign_state_dict(source) if isinstance(source, (str, Path)) else extract_state_dict(source)
+    raw = read_state_dict(source)[0] if isinstance(source, (str, Path)) else extract_state_dict(source)
     sd = convert_state_dict(raw, arch, student=False)
     model = create_model(arch, num_classes or num_classes_of(sd))
     load_state_dict_verbose(model, sd, strict=True, source=f"{arch} teacher checkpoint")
@@ -169,9 +193,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-channels", type=int, help="C_t of the teacher feature (students only)")
     p.add_argument("--fold", action="store_true", help="write the deployed plain student (FT folded)")
     args = p.parse_args(argv)
+    origin = read_state_dict(args.src)[1]
+
+    def save(model: nn.Module, **meta: object) -> None:
+        save_converted(model.state_dict(), args.dst, "norm", args.src, origin, arch=args.arch, **meta)
+
     if args.teacher:
         model = load_teacher(args.src, args.arch)
-        atomic_save(model.state_dict(), args.dst)
+        save(model, role="teacher")
         print(f"wrote {args.arch} teacher state dict to {args.dst}")
         return
     if args.teacher_channels is None:
@@ -179,11 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     student = load_student(args.src, args.arch, args.teacher_channels)
     if args.fold:
         plain, err = fold_and_check(student, 224 if args.arch in IMAGENET_MODELS else 32)
-        atomic_save(plain.state_dict(), args.dst)
+        save(plain, role="deployed")
         print(f"wrote folded {args.arch} (N={student.ft.n}) to {args.dst}; "
               f"max |logit diff| vs unfolded {err:.2e}")
     else:
-        atomic_save(student.state_dict(), args.dst)
+        save(student, role="student")
         print(f"wrote {args.arch} NORM student (N={student.ft.n}) to {args.dst}")
 
 

@@ -199,3 +199,47 @@ def test_find_resume(tmp_path: Path) -> None:
     assert find_resume(sweep, "auto") is None  # a sweep's jobs are different runs
     with pytest.raises(UserError, match="no such checkpoint"):
         find_resume(run_b, str(tmp_path / "x.pt"))
+
+
+def test_official_loader_allow_list_first_then_restricted_fallback(tmp_path: Path, monkeypatch) -> None:
+    from common import checkpoint as ck
+
+    monkeypatch.chdir(tmp_path)
+    plain = tmp_path / "released.pth"  # what the allow-list expresses: numpy scalars/arrays, a Namespace
+    torch.save({"epoch": np.int64(7), "args": argparse.Namespace(lr=0.1), "arr": np.arange(3.0),
+                "state_dict": {"fc.weight": torch.ones(2, 2)}}, plain)
+    used: list[str] = []
+    monkeypatch.setattr(ck, "load_foreign", lambda *a, **k: used.append("restricted"))
+    obj = ck.load_official_checkpoint(plain)
+    assert not used and int(obj["epoch"]) == 7 and obj["args"].lr == 0.1  # no fallback needed
+    assert torch.equal(extract_state_dict(obj)["fc.weight"], torch.ones(2, 2))
+    evil = tmp_path / "official.pth"
+    _official_like_checkpoint(evil)  # pickles an optimizer and an os.system payload
+    ck.load_official_checkpoint(evil)
+    assert used == ["restricted"]  # the allow-list refused it; only the restricted unpickler reads it
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    raw = ck.load_official_checkpoint(evil)
+    assert isinstance(raw["evil"], OpaqueObject) and not (tmp_path / "EVIL_RAN").exists()
+
+
+def test_read_checkpoint_tells_ours_from_official(tmp_path: Path) -> None:
+    from common.checkpoint import read_checkpoint, save_converted
+
+    ours = tmp_path / "last.pt"
+    atomic_save({"model": {"w": torch.ones(1)}, "epoch": 3, "metrics": {"top1": 1.0}}, ours)
+    assert read_checkpoint(ours)[1] == "ours"
+    repdistiller = tmp_path / "ckpt_epoch_240.pth"  # official files use "model" too
+    torch.save({"epoch": 240, "model": {"w": torch.ones(1)}, "accuracy": torch.tensor(73.0)}, repdistiller)
+    assert read_checkpoint(repdistiller)[1] == "official"
+    released = tmp_path / "released.pth"
+    torch.save({"w": torch.ones(1)}, released)  # a bare foreign state dict
+    assert read_checkpoint(released)[1] == "official"
+    converted = save_converted({"w": torch.ones(1)}, tmp_path / "conv.pt", "toy", released)
+    obj, origin = read_checkpoint(converted)
+    assert origin == "official" and torch.equal(obj["state_dict"]["w"], torch.ones(1))
+    torch.load(converted, weights_only=True)  # a converted file is ours in format: weights_only reads it
+    pickled = tmp_path / "pickled.pth"
+    _official_like_checkpoint(pickled)
+    obj, origin = read_checkpoint(pickled)
+    assert origin == "official" and isinstance(obj["optimizer"], OpaqueObject)

@@ -10,6 +10,7 @@ import torch
 
 from common.config import compose
 from common.errors import UserError
+from common.results import read_record
 from common.testing import fixture_dir
 from gridconv.convert import checkpoint_filter_fn, infer_model_config, load_official, official_model_config
 from gridconv.gridconv import GridLiftingNetwork
@@ -112,22 +113,37 @@ def test_lr_schedule_matches_official() -> None:
         assert ours == pytest.approx(ref, rel=1e-12)
 
 
-def test_convert_cli_writes_a_weights_only_checkpoint(tmp_path: Path) -> None:
+def test_convert_cli_writes_what_eval_and_infer_read_roundtrip(tmp_path: Path) -> None:
+    """official release -> gridconv.convert -> the eval / infer loader and the eval CLI: same outputs."""
     from gridconv.convert import main as convert_main
     from gridconv.eval import load_model
+    from gridconv.eval import run as eval_run
+    from gridconv.synthetic import write_synthetic_h36m
 
     fx = fixture("autogrids_small.pt")
     src = write_official(tmp_path / "official.pth.tar", fx["state_dict"])
     convert_main([str(src), str(tmp_path / "ours.pt"), "--padding", "c", "z", "--temperature", "1"])
-    saved = torch.load(tmp_path / "ours.pt", weights_only=True)
-    assert saved["model"]["sgt"] == "learnable" and float(saved["state_dict"]["stem.attention.temperature"]) == 1
-    model = GridLiftingNetwork(**saved["model"]).eval()
-    model.load_state_dict(saved["state_dict"])
+    saved = torch.load(tmp_path / "ours.pt", weights_only=True)  # ours in format: weights_only reads it
+    assert saved["origin"] == "official" and saved["model_config"]["sgt"] == "learnable"
+    assert float(saved["state_dict"]["stem.attention.temperature"]) == 1
+    converted, meta = load_model(tmp_path / "ours.pt", ("c", "r"), temperature=None)  # what eval and infer call
+    assert meta["source"] == "official" and meta["epoch"] == 7 and converted.temperature == 1.0
     with torch.no_grad():
-        torch.testing.assert_close(model(fx["input_pose2d_norm"]), fx["outputs_eval"]["T=1.0"], atol=1e-5,
-                                   rtol=1e-4)
+        torch.testing.assert_close(converted.eval()(fx["input_pose2d_norm"]), fx["outputs_eval"]["T=1.0"],
+                                   atol=1e-5, rtol=1e-4)
     official, meta = load_model(src, ("c", "z"), temperature=None)  # eval's loader: official, T = 30
     assert meta["source"] == "official" and official.temperature == 30.0
+    # the eval CLI scores the converted file exactly as the release it came from (at the same temperature)
+    root = write_synthetic_h36m(tmp_path / "data", train_frames=1, test_frames=1, inputs=("gt",))
+    records = {}
+    for name, ckpt in (("release", src), ("converted", tmp_path / "ours.pt")):
+        cfg = compose(CONFIG_DIR, ["experiment=gt_dgridconv_learnable", "model.padding_mode=[c,z]",
+                                   f"data.root={root}", f"checkpoint={ckpt}", "temperature=1.0",
+                                   f"output_dir={tmp_path / name}"])
+        records[name] = eval_run(cfg)
+        written = read_record(next((tmp_path / name).rglob("result.json")))
+        assert written.kind == "evaluated" and written.checkpoint == "official" and written.data == "synthetic"
+    assert records["release"]["metrics"] == records["converted"]["metrics"]
 
 
 def test_eval_on_mpi3dhp(tmp_path: Path) -> None:

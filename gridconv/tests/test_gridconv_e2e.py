@@ -66,7 +66,8 @@ def test_eval_reproduces_training_result_and_infer_writes_outputs(runs: dict[str
     ev = cli("gridconv.eval", *TINY, "experiment=hrnet_dgridconv_learnable", f"data.root={tmp / 'data'}",
              f"output_dir={tmp}", f"checkpoint={runs['parts'] / 'best.pt'}", f"hydra.run.dir={tmp / 'eval'}")
     assert ev.returncode == 0, ev.stderr[-2000:]
-    record = json.loads((tmp / "eval" / "eval.json").read_text())
+    record = json.loads((tmp / "eval" / "result.json").read_text())
+    assert record["kind"] == "evaluated" and record["checkpoint"] == "ours" and record["data"] == "synthetic"
     assert record["metrics"]["mpjpe"] == pytest.approx(result["metrics"]["mpjpe"], rel=1e-6)
     kps = np.random.default_rng(0).uniform(300, 700, (3, 17, 3))  # COCO x, y, score
     (tmp / "kps.json").write_text(json.dumps([{"keypoints": k.reshape(-1).tolist()} for k in kps]))

@@ -35,7 +35,9 @@ def test_official_student_file_folds_to_the_plain_network(tmp_path: Path,
     main([str(src), str(dst), "--arch", "resnet20", "--teacher-channels", "64", "--fold"])
     assert "max |logit diff|" in capsys.readouterr().out
     plain = create_model("resnet20", 100).eval()
-    plain.load_state_dict(torch.load(dst, weights_only=True))  # strict: exactly the plain architecture
+    saved = torch.load(dst, weights_only=True)
+    assert saved["origin"] == "official"  # converted from an official file: evaluations report it as such
+    plain.load_state_dict(saved["state_dict"])  # strict: exactly the plain architecture
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), student(x), atol=1e-5, rtol=1e-5)
@@ -45,11 +47,13 @@ def test_trained_distiller_checkpoint_exports_merged(tmp_path: Path) -> None:
     torch.manual_seed(0)
     student = NORMStudent(create_model("vgg8", 10), teacher_channels=512, n=2)
     distiller = NORMDistiller(student, create_model("vgg13", 10))
-    atomic_save({"model": distiller.state_dict(), "epoch": 1}, tmp_path / "last.pt")
+    atomic_save({"model": distiller.state_dict(), "epoch": 1, "global_step": 5}, tmp_path / "last.pt")  # as the engine
     main([str(tmp_path / "last.pt"), str(tmp_path / "vgg8.pt"), "--arch", "vgg8", "--teacher-channels", "512",
           "--fold"])
     plain = create_model("vgg8", 10).eval()
-    plain.load_state_dict(torch.load(tmp_path / "vgg8.pt", weights_only=True))
+    saved = torch.load(tmp_path / "vgg8.pt", weights_only=True)
+    assert saved["origin"] == "ours"  # one of our runs stays ours after the export
+    plain.load_state_dict(saved["state_dict"])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), student.eval()(x), atol=1e-5, rtol=1e-5)
