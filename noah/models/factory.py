@@ -192,3 +192,19 @@ def create_model(name: str, head: str | None = None, num_classes: int = 1000, he
 def family_of(name: str) -> str:
     """The family of a host name (``noah_`` prefix allowed)."""
     return HOSTS[resolve_name(name)[0]].family
+
+
+def vit_classifier(*, num_classes: int, head: str = "noah", img_size: int = 224, patch_size: int = 16,
+                   embed_dim: int = 192, depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0,
+                   qkv_bias: bool = True, layernorm_eps: float = 1e-6, pre_logits_dim: int | None = None,
+                   head_num: int = 4, key_ratio: float = 0.5, head_dropout: float = 0.1, head_split: bool = True,
+                   kv_split: bool = True, drop_path: float = 0.0) -> Classifier:
+    """A DeiT of any size from the official ``NOAH_VisionTransformer`` / ``VisionTransformer`` arguments."""
+    _, kind = resolve_name("deit_tiny_patch16_224", head)
+    backbone = vision_transformer(head=kind, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                                  depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                                  layernorm_eps=layernorm_eps, drop_path=drop_path)
+    return Classifier(backbone, embed_dim, num_classes, head=kind, layout="tokens", head_num=head_num,
+                      key_ratio=key_ratio, head_dropout=head_dropout, head_split=head_split, kv_split=kv_split,
+                      pre_logits_dim=pre_logits_dim, head_init=_HEAD_INIT["deit"][0 if kind == "noah" else 1],
+                      no_weight_decay=no_weight_decay_names("deit", kind))
