@@ -59,6 +59,8 @@ HOSTS: dict[str, HostSpec] = {
     "deit_tiny_patch16_224": HostSpec("deit", {"embed_dim": 192, "num_heads": 3}),
     "deit_tiny_075_patch16_224": HostSpec("deit", {"embed_dim": 144, "num_heads": 3}),
     "deit_tiny_050_patch16_224": HostSpec("deit", {"embed_dim": 96, "num_heads": 3}),
+    # MS-COCO host of the abstract (spec d.5); its N, r, dropout are not published: the ViT defaults assumed
+    "vit_large_patch16_224": HostSpec("deit", {"embed_dim": 1024, "num_heads": 16, "depth": 24}),
     "pvt_tiny": HostSpec("pvt", {"embed_dims": (64, 128, 320, 512)}),
     "pvt_tiny_075": HostSpec("pvt", {"embed_dims": (48, 96, 240, 384)}),
     "pvt_tiny_050": HostSpec("pvt", {"embed_dims": (32, 64, 160, 256)}),
@@ -135,7 +137,7 @@ def _backbone(spec: HostSpec, host: str, head: str, img_size: int, drop_path: fl
         return m, m.num_features, "map"
     if fam == "deit":
         m = vision_transformer(head=head, img_size=img_size, embed_dim=a["embed_dim"], num_heads=a["num_heads"],
-                               drop_path=drop_path)
+                               depth=a.get("depth", 12), drop_path=drop_path)
         return m, m.num_features, "tokens"
     if fam == "pvt":
         m = PyramidVisionTransformer(img_size=img_size, embed_dims=a["embed_dims"], drop_path_rate=drop_path,
