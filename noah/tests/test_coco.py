@@ -98,3 +98,38 @@ def test_average_precision_against_the_definition() -> None:
     # random scores: mAP is about the prevalence (the smoke floor's reference)
     yy = torch.rand(4000, 5) < 0.2
     assert abs(mean_average_precision(torch.rand(4000, 5), yy) - 20.0) < 3.0
+
+
+def test_asymmetric_loss_reduces_to_bce_and_downweights_easy_negatives() -> None:
+    from noah.multilabel import AsymmetricLoss
+
+    logits, y = torch.randn(8, 5, dtype=torch.float64), (torch.rand(8, 5) < 0.3).double()
+    plain = AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0)(logits, y)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+    assert plain.item() == pytest.approx(bce.item(), rel=1e-6)
+    easy = torch.full((1, 1), -4.0)
+    assert AsymmetricLoss()(easy, torch.zeros(1, 1)).item() == 0.0  # p < clip: shifted to zero
+    assert AsymmetricLoss()(-easy, torch.ones(1, 1)).item() > 0.0
+
+
+def test_multilabel_training_object_and_evaluation(coco: Path) -> None:
+    from torch.utils.data import DataLoader
+    from torchvision.transforms import v2
+
+    from noah.models import create_model
+    from noah.multilabel import MultiLabelClassifier, evaluate_multilabel
+
+    tf = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
+    ds = COCOMultiLabel(coco, "val", transform=tf)
+    model = create_model("resnet18", head="noah", num_classes=ds.num_classes)
+    for loss in ("bce", "asl"):
+        method = MultiLabelClassifier(model, loss=loss)
+        images, targets = next(iter(DataLoader(ds, batch_size=4)))
+        logits, losses = method.forward_train(images, targets)
+        assert logits.shape == (4, 6) and set(losses) == {f"loss_{loss}"} and losses[f"loss_{loss}"].ndim == 0
+        assert method.eval_model() is model
+    metrics = evaluate_multilabel(model, DataLoader(ds, batch_size=5))
+    assert set(metrics) == {"mAP", "loss", "prevalence"} and 0 <= metrics["mAP"] <= 100
+    assert metrics["prevalence"] == pytest.approx(ds.labels.mean() * 100)
+    with pytest.raises(ValueError, match="bce' or 'asl"):
+        MultiLabelClassifier(model, loss="focal")
