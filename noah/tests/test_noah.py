@@ -10,15 +10,16 @@ import torch.nn.functional as F
 
 from noah.noah import NOAH
 
-torch.set_default_dtype(torch.float64)  # this module only compares maths; restored below
-
 SPLITS = [(True, True), (False, True), (True, False), (False, False)]
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _float64():
+    """These tests compare maths: float64 tensors by default, restored after each test."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
     yield
-    torch.set_default_dtype(torch.float32)
+    torch.set_default_dtype(previous)
 
 
 def head(c: int = 24, k: int = 5, n: int = 3, r: float = 0.5, p: float = 0.0, hs: bool = True, kv: bool = True,
