@@ -17,7 +17,9 @@ __all__ = [
     "ConfusionMatrix",
     "action_wise_mean",
     "auc_3d",
+    "average_precision",
     "confusion_matrix",
+    "mean_average_precision",
     "miou_from_confusion",
     "mpjpe",
     "p_mpjpe",
@@ -261,3 +263,33 @@ class AverageMeter:
 
     def __repr__(self) -> str:
         return f"AverageMeter({self.name!r}, avg={self.avg:.6g}, count={self.count:g})"
+
+
+# ---------------------------------------------------------------------------------------- multi-label
+@torch.no_grad()
+def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
+    """Per-class average precision (K,) in [0, 1] from scores and 0/1 targets, both (N, K).
+
+    AP = sum over the positives of the precision at their score threshold, / number of positives (the
+    non-interpolated AP of scikit-learn's ``average_precision_score``: tied scores form one threshold).
+    A class without positives has AP nan. Sorts once per class on the scores' device, no loop over samples.
+    """
+    if scores.shape != targets.shape or scores.dim() != 2:
+        raise ValueError(f"scores and targets must both be (N, K), got {tuple(scores.shape)} and "
+                         f"{tuple(targets.shape)}")
+    n = scores.shape[0]
+    s, order = scores.double().sort(dim=0, descending=True)
+    y = targets.double().gather(0, order)
+    precision = y.cumsum(0) / torch.arange(1, n + 1, device=s.device, dtype=torch.float64)[:, None]
+    # with ties, every member of a group of equal scores takes the precision at the group's last row
+    last = torch.ones_like(s, dtype=torch.bool)
+    last[:-1] = s[:-1] != s[1:]
+    rows = torch.arange(n, device=s.device)[:, None].expand_as(s)
+    end = torch.where(last, rows, torch.full_like(rows, n - 1)).flip(0).cummin(0).values.flip(0)
+    positives = y.sum(0)
+    return (y * precision.gather(0, end)).sum(0) / positives.where(positives > 0, torch.nan)
+
+
+def mean_average_precision(scores: Tensor, targets: Tensor) -> float:
+    """mAP in % over the classes that have positives (the MS-COCO multi-label metric)."""
+    return float(average_precision(scores, targets).nanmean()) * 100.0

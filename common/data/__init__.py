@@ -67,3 +67,7 @@ __all__ = [
     "write_synthetic_imagefolder",
     "write_synthetic_segmentation",
 ]
+
+from common.data.coco import COCOMultiLabel, read_coco_labels, write_synthetic_coco  # noqa: E402
+
+__all__ += ["COCOMultiLabel", "read_coco_labels", "write_synthetic_coco"]
