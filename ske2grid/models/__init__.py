@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ske2grid.models.grid_net import BlockSpec, GridBlock, PersonAveragingHead, Ske2GridNet, stgcn_block_plan
 from ske2grid.models.stgcn import STGCN, stgcn_spatial_partitions
 
-__all__ = ["BlockSpec", "GridBlock", "MODELS", "PersonAveragingHead", "STGCN", "Ske2GridNet", "create_model",
+__all__ = ["BlockSpec", "multiclip_predict", "GridBlock", "MODELS", "PersonAveragingHead", "STGCN", "Ske2GridNet", "create_model",
            "stgcn_block_plan", "stgcn_spatial_partitions"]
 
 MODELS = ("ske2grid", "stgcn")
@@ -37,3 +38,11 @@ def create_model(name: str, num_classes: int, layout: str = "coco", in_channels:
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for model {name!r}; valid: {sorted(allowed)}")
     return cls(num_classes=num_classes, layout=layout, in_channels=in_channels, blocks=plan, **kwargs)
+
+
+def multiclip_predict(model: nn.Module, clips: Tensor) -> Tensor:
+    """Multi-clip test (§b.7, pyskl `average_clip='prob'`): clips `(N, clips, M, T, V, C)` are folded into the
+    batch, and the per-clip softmax is averaged over clips -> `(N, K)` probabilities."""
+    n, nc = clips.shape[:2]
+    logits = model(clips.reshape(n * nc, *clips.shape[2:]))
+    return torch.softmax(logits.float(), dim=-1).view(n, nc, -1).mean(dim=1)
