@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ske2grid.models.grid_net import BlockSpec, GridBlock, PersonAveragingHead, Ske2GridNet, stgcn_block_plan
 from ske2grid.models.stgcn import STGCN, stgcn_spatial_partitions
 
-__all__ = ["BlockSpec", "multiclip_predict", "GridBlock", "MODELS", "PersonAveragingHead", "STGCN", "Ske2GridNet", "create_model",
+__all__ = ["BlockSpec", "model_from_config", "multiclip_predict", "GridBlock", "MODELS", "PersonAveragingHead", "STGCN", "Ske2GridNet", "create_model",
            "stgcn_block_plan", "stgcn_spatial_partitions"]
 
 MODELS = ("ske2grid", "stgcn")
@@ -46,3 +46,16 @@ def multiclip_predict(model: nn.Module, clips: Tensor) -> Tensor:
     n, nc = clips.shape[:2]
     logits = model(clips.reshape(n * nc, *clips.shape[2:]))
     return torch.softmax(logits.float(), dim=-1).view(n, nc, -1).mean(dim=1)
+
+
+def model_from_config(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> nn.Module:
+    """The network of a composed config: `model` group (name, grid, cascade, widths) + `data` (layout, C, K)."""
+    kw: dict[str, Any] = {k: v for k, v in model_cfg.items() if k not in ("name", "widths")}
+    if "grid_shape" in kw:
+        kw["grid_shape"] = tuple(kw["grid_shape"])
+    if "progressive_joint_seq" in kw:
+        kw["progressive_joint_seq"] = list(kw["progressive_joint_seq"])
+    widths = model_cfg.get("widths")
+    return create_model(str(model_cfg["name"]), int(data_cfg["num_classes"]), layout=str(data_cfg["layout"]),
+                        in_channels=int(data_cfg["in_channels"]), widths=None if widths is None else list(widths),
+                        num_person=int(data_cfg.get("num_person", 2)), **kw)
