@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from ske2grid.models.grid_net import BlockSpec, GridBlock, PersonAveragingHead, Ske2GridNet, stgcn_block_plan
 from ske2grid.models.stgcn import STGCN, stgcn_spatial_partitions
 
-__all__ = ["BlockSpec", "model_from_config", "multiclip_predict", "GridBlock", "MODELS", "PersonAveragingHead", "STGCN", "Ske2GridNet", "create_model",
-           "stgcn_block_plan", "stgcn_spatial_partitions"]
+__all__ = ["BlockSpec", "GridBlock", "MODELS", "PersonAveragingHead", "STGCN", "Ske2GridNet", "create_model",
+           "model_from_config", "multiclip_predict", "stgcn_block_plan", "stgcn_spatial_partitions"]
 
 MODELS = ("ske2grid", "stgcn")
 

@@ -105,7 +105,7 @@ class STGCNBlock(nn.Module):
 
 
 class STGCN(nn.Module):
-    """pyskl ST-GCN (graph baseline): data BN -> graph blocks -> person-averaging head. `(N, M, T, V, C)` -> `(N, K)`."""
+    """pyskl ST-GCN (graph baseline): data BN -> graph blocks -> person-averaging head; `(N, M, T, V, C)` -> logits."""
 
     def __init__(self, num_classes: int, layout: str = "coco", in_channels: int = 3,
                  blocks: Sequence[BlockSpec | Mapping] | None = None, num_person: int = 2) -> None:
