@@ -57,3 +57,14 @@ __all__ = [
     "write_synthetic_cifar",
     "write_synthetic_imagefolder",
 ]
+
+from common.data.skeleton import (  # noqa: E402 - appended: pyskl skeleton pickles (ske2grid)
+    SKELETON_DATASETS,
+    SkeletonSpec,
+    load_skeleton_annotations,
+    read_skeleton_pickle,
+    write_synthetic_skeleton_pickle,
+)
+
+__all__ += ["SKELETON_DATASETS", "SkeletonSpec", "load_skeleton_annotations", "read_skeleton_pickle",
+            "write_synthetic_skeleton_pickle"]
