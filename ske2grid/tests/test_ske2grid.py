@@ -184,9 +184,12 @@ def test_output_shapes(grid, seq, t) -> None:
     assert model(x).shape == (3, 11)
 
 
-def test_grid_patch_is_channels_last_in_memory() -> None:
+def test_grid_patch_and_features_stay_channels_last() -> None:
+    """The per-frame and temporal views are free: the patch and every block's output are (B, T, H, W, C) in memory."""
     grid = Ske2Grid()(torch.randn(2, 2, 4, 17, 3))
     assert grid.is_contiguous(memory_format=torch.channels_last_3d)
+    feat = create_model("ske2grid", 5, **SMALL).train().forward_features(torch.randn(2, 2, 8, 17, 3))
+    assert feat.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 # ---------------------------------------------------------------------------------------------- PLS (§h.9)
