@@ -1,1 +1,1 @@
-"""ske2grid"""
+"""Ske2Grid (ICML 2023): skeleton-to-grid representation learning for action recognition."""

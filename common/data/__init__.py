@@ -71,3 +71,14 @@ __all__ = [
 from common.data.coco import COCOMultiLabel, read_coco_labels, write_synthetic_coco  # noqa: E402
 
 __all__ += ["COCOMultiLabel", "read_coco_labels", "write_synthetic_coco"]
+
+from common.data.skeleton import (  # noqa: E402 - appended: pyskl skeleton pickles (ske2grid)
+    SKELETON_DATASETS,
+    SkeletonSpec,
+    load_skeleton_annotations,
+    read_skeleton_pickle,
+    write_synthetic_skeleton_pickle,
+)
+
+__all__ += ["SKELETON_DATASETS", "SkeletonSpec", "load_skeleton_annotations", "read_skeleton_pickle",
+            "write_synthetic_skeleton_pickle"]
