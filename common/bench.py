@@ -30,7 +30,7 @@ from torch import nn
 
 from common.cli import split_list
 from common.errors import UserError
-from common.profiling import count_flops, count_params
+from common.profiling import count_flops, count_params, human
 
 Step = Callable[[], object]
 
@@ -54,9 +54,12 @@ class Candidate:
     name: str
     model: nn.Module  # what params/MACs are counted on
     steps: Mapping[str, Step]
-    batch: int  # samples per step (throughput = batch / seconds)
+    batch: int | Mapping[str, int]  # samples per step, or per mode (throughput = batch / seconds)
     sample: Any = None  # one sample (a tensor or a tuple of args) for the MACs; None: not counted
     unit: str = "img"
+
+    def batch_of(self, mode: str) -> int:
+        return int(self.batch[mode]) if isinstance(self.batch, Mapping) else int(self.batch)
 
 
 @dataclass
@@ -197,10 +200,11 @@ def compare(candidates: Sequence[Candidate], cfg: BenchConfig) -> list[dict[str,
         for cand in active:
             seconds = statistics.median(times[cand.name])
             m = macs[cand.name]
-            flops = None if m is None else 2 * m * cand.batch * (3 if mode == "train" else 1) / seconds
+            batch = cand.batch_of(mode)
+            flops = None if m is None else 2 * m * batch * (3 if mode == "train" else 1) / seconds
             records.append({
-                "mode": mode, "name": cand.name, "unit": cand.unit, "batch": cand.batch,
-                "seconds": seconds, "times": times[cand.name], "throughput": cand.batch / seconds,
+                "mode": mode, "name": cand.name, "unit": cand.unit, "batch": batch,
+                "seconds": seconds, "times": times[cand.name], "throughput": batch / seconds,
                 "peak_bytes": memory[cand.name], "macs": m, "params": params[cand.name],
                 "tflops": None if flops is None or cfg.device.type != "cuda" else flops / 1e12,
                 "peak_fraction": None if flops is None or peak is None else flops / 1e12 / peak,
@@ -226,7 +230,7 @@ def print_table(records: Sequence[Mapping[str, Any]], baseline: str, title: str 
             b["name"] == baseline and b["mode"] == r["mode"] for b in records) else float("nan")
         cells = [r["mode"], r["name"], f"{r['throughput']:,.1f} {r['unit']}/s", f"{rel:.2f}x",
                  "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.0f} MB",
-                 "-" if r["macs"] is None else f"{r['macs'] / 1e9:.3f} G", f"{r['params'] / 1e6:.2f} M"]
+                 "-" if r["macs"] is None else human(r["macs"]), human(r["params"])]
         if gpu:
             cells += ["-" if r["tflops"] is None else f"{r['tflops']:.2f}",
                       "-" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.1f}%"]
