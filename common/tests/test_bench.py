@@ -93,3 +93,13 @@ def test_bench_arguments_are_parsed_one_way() -> None:
 ])
 def test_allocator_applies_only_to_launched_entry_points(argv: list[str], module: str | None) -> None:
     assert launched_module(argv) == module
+
+
+def test_allocator_opt_out_and_other_modules_leave_glibc_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.allocator import apply_for_entry_points
+
+    argv = ["python", "-m", "kernelwarehouse.train"]
+    monkeypatch.setenv("KW_HEAP", "off")
+    assert apply_for_entry_points({"kernelwarehouse.train"}, "KW_HEAP", argv) is False
+    monkeypatch.delenv("KW_HEAP")
+    assert apply_for_entry_points({"kernelwarehouse.eval"}, "KW_HEAP", argv) is False
