@@ -8,7 +8,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PAPERS := scalekd kernelwarehouse ssdkd noah afdcd ske2grid norm pste_bnn gridconv
-# Extra arguments for reproduce/bench, e.g. make reproduce-norm ARGS="data.root=/data/cifar100"
+# Extra key=value arguments, read the same way by every paper (common.cli; see common/README.md), e.g.
+#   make reproduce-norm ARGS="data.root=/data/cifar100 seeds=0,1,2"   make bench-kernelwarehouse ARGS="threads=1"
 ARGS ?=
 PYTEST_ARGS ?=
 

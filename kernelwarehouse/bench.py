@@ -1,52 +1,43 @@
-"""What KernelWarehouse costs: each KW model beside its plain baseline, in one run, as ratios.
+"""What KernelWarehouse costs: each KW model beside its plain baseline (and the official KW model), in one run.
 
-    python -m kernelwarehouse.bench                          # ResNet18 KW 1x vs ResNet18, CPU, B=16, 160 px
+    python -m kernelwarehouse.bench                               # ResNet18 KW 1x vs ResNet18, B=16, 160 px
+    python -m kernelwarehouse.bench official=/path/to/KernelWarehouse threads=1   # + the official KW model
     python -m kernelwarehouse.bench models=kw1x_resnet18,kw4x_mobilenetv2_100 batch=32 size=224 threads=8
-    python -m kernelwarehouse.bench impl=grouped             # the official op order, for comparison
+    python -m kernelwarehouse.bench impl=grouped                  # our model with the official op order
+    KW_HEAP=off python -m kernelwarehouse.bench                   # glibc's default allocator (slower)
 
-Measures a training step (forward, backward, SGD step) and inference (``torch.inference_mode``) in
-images/s, alternating baseline and KW runs so that a drifting machine load hits both alike, and reports
-medians. Memory: on CUDA the peak allocated bytes; on CPU the bytes autograd saves for backward (the
-activation memory of a training step). On a GPU it uses bf16 autocast and channels_last.
-Also prints the analytic multiply-adds per image (convolutions/linears + KW kernel assembly).
+Every ``common.bench`` key works (``device``, ``threads``, ``repeats``, ``warmup``, ``modes``, ``memory``,
+``macs``). Training step = forward, mean-of-logits loss, backward, SGD step; inference = eval-mode
+``inference_mode`` forward; the candidates alternate round by round and the medians are reported, with
+``time / <baseline>`` the cost relative to the plain network. KW runs at tau = 0.5 (input-dependent
+attention, as during and after the anneal). ``official=`` points at a checkout of the official repository:
+its model is built from its own ``configs/<arch>/<row>.json`` *after* ours (importing its ``models`` package
+re-registers timm names) and timed in the same rounds; the official sources never enter this tree.
+On a GPU: bf16 autocast, channels_last, TFLOP/s against the card's peak.
 """
 
 from __future__ import annotations
 
-import statistics
+import json
 import sys
-import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from common.allocator import heap_kept
+from common.bench import BENCH_DEFAULTS, Candidate, bench_config, classification_steps, compare, describe, print_table
+from common.bench import ratio as time_ratio
+from common.cli import parse_overrides, split_list
 from common.errors import UserError, cli_guard
 from kernelwarehouse.models import create_model, warehouse_manager
 from kernelwarehouse.warehouse import KWConvNd, KWLayer, KWLinear
 
-DEFAULTS: dict[str, Any] = {"models": "kw1x_resnet18", "batch": 16, "size": 160, "threads": 2, "repeats": 5,
-                            "device": "auto", "impl": "auto", "tapwise_ratio": None, "heap": "off"}
-
-
-def keep_large_allocations_on_heap() -> bool:
-    """glibc: serve large blocks from the heap and keep freed memory (``mallopt``), so per-step tensors of
-    tens of MB (KW's per-sample kernels) are not re-mapped and page-faulted every step. Affects the plain
-    and KW models alike; the same effect as running under jemalloc/tcmalloc. False where unavailable.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
+DEFAULTS: dict[str, Any] = {**BENCH_DEFAULTS, "threads": 2, "models": "kw1x_resnet18", "batch": 16, "size": 160,
+                            "impl": "auto", "tapwise_ratio": None, "official": None, "temperature": 0.5}
+_OFFICIAL_KW_KEYS = ("reduction", "cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio", "sharing_range",
+                     "nonlocal_basis_ratio")
 
 
 def baseline_of(name: str) -> str:
@@ -84,129 +75,78 @@ def macs_per_image(model: nn.Module, size: int) -> dict[str, float]:
     return totals
 
 
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward during one training forward."""
-    total = 0
+def official_model(root: Path, name: str, temperature: float) -> nn.Module:
+    """The official implementation of row ``name`` from its own JSON config (``configs/<arch>/<name>.json``)."""
+    configs = sorted(root.glob(f"configs/*/{name}.json"))
+    if not (root / "models" / "__init__.py").is_file() or not configs:
+        raise UserError(f"bench: official={root} has no models/ package or no configs/*/{name}.json; point it at "
+                        "a checkout of github.com/OSVAI/KernelWarehouse")
+    config = json.loads(configs[0].read_text())
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import models as official  # the official package, importable only from `root`
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).float().mean().backward()
-    model.zero_grad(set_to_none=True)
-    return total
-
-
-def make_steps(model: nn.Module, x: torch.Tensor, device: torch.device) -> dict[str, Callable[[], None]]:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def train() -> None:
-        model.train()
-        with amp:
-            loss = model(x).float().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def infer() -> None:
-        model.eval()
-        with torch.inference_mode(), amp:
-            model(x)
-
-    return {"train": train, "infer": infer}
+    kwargs = {k: config[k] for k in _OFFICIAL_KW_KEYS if k in config}
+    model = getattr(official, config["model"])(num_classes=1000, drop_path_rate=0.0, **kwargs)
+    if hasattr(model, "net_update_temperature"):
+        model.net_update_temperature(temperature)
+    return model
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def bench_pair(name: str, cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    batch, size = int(cfg["batch"]), int(cfg["size"])
-    models = {"plain": create_model(baseline_of(name)), "kw": create_model(name)}
-    manager = warehouse_manager(models["kw"])
-    manager.impl = cfg["impl"]
-    if cfg["tapwise_ratio"] is not None:
-        manager.tapwise_ratio = float(cfg["tapwise_ratio"])
-    manager.set_temperature(0.5)  # input-dependent attention, as during and after the anneal
-    x = torch.randn(batch, 3, size, size)
-    result: dict[str, Any] = {"model": name, "baseline": baseline_of(name)}
-    for key, m in models.items():
-        result[f"{key}_gmacs"] = sum(macs_per_image(m, size).values()) / 1e9
-        result[f"{key}_params"] = sum(p.numel() for p in m.parameters())
-        if device.type == "cpu":
-            result[f"{key}_saved_mb"] = saved_activation_bytes(m, x) / 2**20
+def candidates_for(name: str, opts: dict[str, Any], device: torch.device) -> list[Candidate]:
+    """Plain baseline, ours, and (with ``official=``) the official model of one row, on one batch."""
+    batch, size = int(opts["batch"]), int(opts["size"])
+    models: dict[str, nn.Module] = {baseline_of(name): create_model(baseline_of(name))}
+    if name != baseline_of(name):
+        kw = create_model(name)
+        manager = warehouse_manager(kw)
+        manager.impl = str(opts["impl"])
+        if opts["tapwise_ratio"] is not None:
+            manager.tapwise_ratio = float(opts["tapwise_ratio"])
+        manager.set_temperature(float(opts["temperature"]))
+        models[name] = kw
+        if opts["official"]:  # after ours: the official package re-registers timm names
+            models[f"{name} (official)"] = official_model(Path(opts["official"]), name, float(opts["temperature"]))
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    x = x.to(device, memory_format=memory_format)
-    steps = {k: make_steps(m.to(device, memory_format=memory_format), x, device) for k, m in models.items()}
-    for mode in ("infer", "train"):
-        times: dict[str, list[float]] = {"plain": [], "kw": []}
-        for key in times:  # warm-up
-            steps[key][mode]()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                timed(steps[key][mode], device)
-                result[f"{key}_{mode}_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        for _ in range(int(cfg["repeats"])):
-            for key in times:
-                times[key].append(timed(steps[key][mode], device))
-        for key in times:
-            result[f"{key}_{mode}_img_s"] = batch / statistics.median(times[key])
-    return result
+    x = torch.randn(batch, 3, size, size).to(device, memory_format=memory_format)
+    sample = torch.zeros(1, 3, size, size, device=device)
+    out = []
+    for label, model in models.items():
+        model.to(device, memory_format=memory_format)
+        out.append(Candidate(label, model, classification_steps(model, x), batch=batch, sample=sample))
+    return out
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    cfg = dict(DEFAULTS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in cfg:
-            raise UserError(f"bench: unknown argument {arg!r}; use key=value with keys {sorted(cfg)}")
-        cfg[key] = value
-    if cfg["impl"] not in ("auto", "grouped"):
-        raise UserError(f"bench: impl must be auto or grouped, got {cfg['impl']!r}")
-    return cfg
+    opts, _ = parse_overrides(argv, DEFAULTS, "bench", __doc__ or "")
+    if opts["impl"] not in ("auto", "grouped"):
+        raise UserError(f"bench: impl must be auto or grouped, got {opts['impl']!r}")
+    return opts
 
 
 @cli_guard
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    if cfg["device"] == "auto":
-        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(cfg["device"])
-    torch.set_num_threads(int(cfg["threads"]))
-    if cfg["heap"] not in ("on", "off"):
-        raise UserError(f"bench: heap must be on or off, got {cfg['heap']!r}")
-    heap = cfg["heap"] == "on" and keep_large_allocations_on_heap()
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = bench_config(opts)
     torch.manual_seed(0)
-    print(f"device={device} threads={torch.get_num_threads()} batch={cfg['batch']} size={cfg['size']} "
-          f"impl={cfg['impl']} heap={'on' if heap else 'off'}"
-          + (" (bf16 autocast, channels_last)" if device.type == "cuda" else ""))
-    rows = []
-    header = (f"{'model':<24}{'GMACs kw/plain':>16}{'infer img/s kw/plain':>24}{'ratio':>7}"
-              f"{'train img/s kw/plain':>24}{'ratio':>7}{'memory kw/plain':>20}")
-    print(header)
-    for name in str(cfg["models"]).split(","):
-        r = bench_pair(name.strip(), cfg, device)
-        rows.append(r)
-        mem_key = "saved_mb" if device.type == "cpu" else "train_peak_mb"
-        print(f"{r['model']:<24}{r['kw_gmacs']:>7.3f}/{r['plain_gmacs']:<8.3f}"
-              f"{r['kw_infer_img_s']:>11.1f}/{r['plain_infer_img_s']:<12.1f}"
-              f"{r['plain_infer_img_s'] / r['kw_infer_img_s']:>6.2f}x"
-              f"{r['kw_train_img_s']:>11.1f}/{r['plain_train_img_s']:<12.1f}"
-              f"{r['plain_train_img_s'] / r['kw_train_img_s']:>6.2f}x"
-              f"{r[f'kw_{mem_key}']:>9.0f}/{r[f'plain_{mem_key}']:<6.0f}MB")
-    print("ratio = plain throughput / KW throughput (time of KW relative to plain); memory: "
-          + ("autograd-saved activations per training step" if device.type == "cpu" else "peak allocated"))
-    return rows
+    print(f"KernelWarehouse bench: {describe(cfg)}, batch {opts['batch']}, {opts['size']} px, impl={opts['impl']}, "
+          f"tau={opts['temperature']}, large allocations on the heap: {'yes' if heap_kept() else 'no (KW_HEAP=off)'}")
+    records: list[dict[str, Any]] = []
+    for name in split_list(str(opts["models"])):
+        rows = compare(candidates_for(name, opts, cfg.device), cfg)
+        print_table(rows, baseline=baseline_of(name), title=f"\n{name} vs {baseline_of(name)}")
+        if name != baseline_of(name):
+            split = macs_per_image(create_model(name), int(opts["size"]))
+            print(f"analytic MACs/image of {name}: conv/linear {split['conv_linear'] / 1e9:.3f} G, kernel "
+                  f"assembly {split['assembly'] / 1e9:.3f} G, attention {split['attention'] / 1e9:.4f} G")
+            plain, official = baseline_of(name), f"{name} (official)"
+            for mode in cfg.modes:
+                line = f"{mode}: {name} costs {time_ratio(rows, mode, name, plain):.2f}x {plain}"
+                if opts["official"]:
+                    line += f"; ours is {time_ratio(rows, mode, official, name):.2f}x the official throughput"
+                print(line)
+        records += rows
+    return records
 
 
 if __name__ == "__main__":

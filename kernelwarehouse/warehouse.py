@@ -242,10 +242,15 @@ class KWLayer(nn.Module):
         """Per-sample kernels from the attention, one matmul over all cells (spec §b.6 steps 2-3).
 
         Mixture ``j = (s G_o + p) G_i + q`` -> kernel rows ``p c_o + a``, columns ``q c_i + c``, tap ``s``.
-        Returns ``[B, O, I/g, *K]``.
+        Returns ``[B, O, I/g, *K]``, a tensor of its own (no later call overwrites it).
         """
+        return self._assemble(attn, workspace=False)
+
+    def _assemble(self, attn: torch.Tensor, workspace: bool) -> torch.Tensor:
+        """``assemble``; with ``workspace`` the kernels may live in the manager's shared inference workspace,
+        valid only until the next KW layer runs (the forward consumes them at once)."""
         b = attn.shape[0]
-        cells = self._manager[0].assemble_cells(self.warehouse_id, attn)  # [B m, c_o c_i], the official op
+        cells = self._manager[0].assemble_cells(self.warehouse_id, attn, workspace)  # [B m, c_o c_i]
         s, go, gi, co, ci = self.groups_spatial, self.groups_out, self.groups_in, self.cell_out, self.cell_in
         if s == 1 and go == 1 and gi == 1:
             return cells.view(b, co, ci, *self.kernel_size)
@@ -287,7 +292,7 @@ class KWConvNd(KWLayer):
         attn = self.mixture_weights(x.mean(dim=tuple(range(2, x.dim()))))  # [B, m, n]
         how = self.kernel_application(x)
         if how == "grouped":
-            weight = self.assemble(attn)  # [B, O, I/g, *K]
+            weight = self._assemble(attn, workspace=True)  # [B, O, I/g, *K]
             conv = (F.conv1d, F.conv2d, F.conv3d)[self.dim - 1]
             y = conv(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None,
                      self.stride, self.padding, self.dilation, self.groups * b)
@@ -295,7 +300,7 @@ class KWConvNd(KWLayer):
         elif how == "pointwise":
             if any(s != 1 for s in self.stride):
                 x = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
-            weight = self.assemble(attn).reshape(b, self.out_planes, self.in_planes)
+            weight = self._assemble(attn, workspace=True).reshape(b, self.out_planes, self.in_planes)
             y = torch.matmul(weight, x.reshape(b, self.in_planes, -1)).view(b, self.out_planes, *x.shape[2:])
         else:
             y = self._tapwise(x, attn)
@@ -308,7 +313,7 @@ class KWConvNd(KWLayer):
         s, go, gi, co, ci = self.groups_spatial, self.groups_out, self.groups_in, self.cell_out, self.cell_in
         out_hw = [(x.shape[2 + d] + 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1) - 1)
                   // self.stride[d] + 1 for d in range(2)]
-        cells = self._manager[0].assemble_cells(self.warehouse_id, attn).view(b, s, go, gi, co, ci)
+        cells = self._manager[0].assemble_cells(self.warehouse_id, attn, workspace=True).view(b, s, go, gi, co, ci)
         # taps as strided views of the padded input, copied once into [B, S, G_i, c_i, L] (faster than im2col)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         taps = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # [B, I, Ho, Wo, kh, kw]
@@ -337,7 +342,7 @@ class KWLinear(KWLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(shape[0], -1, shape[-1])
-        weight = self.assemble(self.mixture_weights(tokens.mean(dim=1)))  # [B, O, I]
+        weight = self._assemble(self.mixture_weights(tokens.mean(dim=1)), workspace=True)  # [B, O, I]
         y = torch.matmul(tokens, weight.transpose(1, 2))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -478,18 +483,18 @@ class WarehouseManager(nn.Module):
         self.allocate(network)
 
     # -- runtime -----------------------------------------------------------------------------------------
-    def assemble_cells(self, warehouse_id: int, attn: torch.Tensor) -> torch.Tensor:
+    def assemble_cells(self, warehouse_id: int, attn: torch.Tensor, workspace: bool = False) -> torch.Tensor:
         """``alpha @ E`` for one layer: ``[B m, n] @ [n, c_o c_i]``, one matmul over all cells (spec §b.6).
 
-        Without autograd the product goes into one scratch buffer shared by all layers (they run one after
-        another and consume it at once): the per-sample kernels are large, and a fresh allocation of that
-        size costs page faults comparable to the matmul itself.
+        With ``workspace`` and without autograd, the product goes into one buffer shared by all layers, so
+        the result is valid only until the next call (the forward consumes it at once): the per-sample
+        kernels are large, and a fresh allocation of that size costs page faults comparable to the matmul.
         """
         warehouse = self.weights[warehouse_id]
         n = warehouse.shape[0]
         flat = warehouse.reshape(n, -1).to(attn.dtype)
         attn = attn.reshape(-1, n)
-        if torch.is_grad_enabled() or self.impl != "auto":
+        if not workspace or torch.is_grad_enabled() or self.impl != "auto":
             return torch.mm(attn, flat)
         key = (attn.device, attn.dtype, torch.is_inference_mode_enabled())
         size = attn.shape[0] * flat.shape[1]

@@ -176,6 +176,27 @@ def test_inference_scratch_buffer_equals_autograd_path() -> None:
     torch.testing.assert_close(first, net(x).detach())
 
 
+def test_assemble_returns_kernels_no_later_call_overwrites() -> None:
+    """The public ``assemble()`` owns its result; the shared workspace is internal to the forward (issue 8).
+
+    The 1x1 layer ``c`` is the case where the kernels are a plain view of the assembled cells (no permute copy).
+    """
+    torch.manual_seed(6)
+    net = Net(2.0).eval()
+    x = torch.randn(3, 16, 8, 8)
+    with torch.no_grad():
+        attn_c = net.c.mixture_weights(x.mean((2, 3)))
+        first = net.c.assemble(attn_c)
+        kept = first.clone()
+        second = net.c.assemble(attn_c * -1)
+        net.a.assemble(net.a.mixture_weights(torch.randn(3, 16)))
+        net(x * 3)  # a forward through every layer, which uses the workspace
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+    torch.testing.assert_close(second, -kept)
+    with torch.enable_grad():
+        torch.testing.assert_close(first, net.c.assemble(attn_c))
+
+
 def test_analytic_macs_match_the_spec() -> None:
     """Spec §c.5 (224 px): ResNet18 1.814 G; KW 1x 2.199 G of which kernel assembly 0.385 G."""
     from kernelwarehouse.bench import macs_per_image
