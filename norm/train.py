@@ -42,6 +42,7 @@ from common.errors import UserError
 from common.report import write_result
 
 from .convert import load_teacher
+from .crd import ContrastiveSampleDataset, CRDLoss
 from .distiller import NORMDistiller
 from .models import MODEL_NAMES, NORMStudent, create_model, is_foldable
 from .norm import NormMultiplier
@@ -74,6 +75,17 @@ class MultiplierConfig:
 
 
 @dataclass
+class CRDConfig:
+    """RepDistiller CRD as the NORM_CRD term (spec b.8); defaults are train_cifar_student.py's flags."""
+    weight: float = 2.5       # opt.ceta
+    feat_dim: int = 128       # --feat_dim
+    nce_k: int = 16384        # --nce_k negatives per anchor
+    nce_t: float = 0.07       # --nce_t
+    nce_m: float = 0.5        # --nce_m memory momentum
+    mode: str = "exact"       # --mode exact | relax
+
+
+@dataclass
 class MethodConfig:
     name: str = "norm"  # norm | ce
     n: int = 8
@@ -84,6 +96,7 @@ class MethodConfig:
     kd_temperature: float = 4.0
     logit_scale: float | None = 2.5
     multiplier: MultiplierConfig | None = field(default_factory=MultiplierConfig)
+    crd: CRDConfig | None = None  # NORM+CRD rows
 
 
 @dataclass
@@ -117,6 +130,11 @@ def parse(cfg: DictConfig) -> RunConfig:
         check_choice("model.teacher", run.model.teacher, MODEL_NAMES)
         if run.method.n < 1:
             raise UserError(f"config method.n={run.method.n}: N must be a positive integer")
+    if run.method.crd is not None:
+        check_choice("method.crd.mode", run.method.crd.mode, ("exact", "relax"))
+        if run.method.name != "norm" or run.trainer.mixup or run.trainer.cutmix:
+            raise UserError("config method.crd: CRD is a term of method=norm and needs integer labels "
+                            "(no trainer.mixup / trainer.cutmix)")
     return run
 
 
@@ -190,10 +208,16 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
             print(f"teacher {r.model.teacher}: top1 {extra['teacher_top1']:.2f}")
         student = NORMStudent(create_model(r.model.student, nc, norm_variant=True), teacher.num_features,
                               r.method.n, r.method.residual)
-        m = r.method.multiplier
+        m, c = r.method.multiplier, r.method.crd
+        crd = None
+        if c is not None:  # CRD needs each sample's index and contrast indices, and a bank row per sample
+            train_set = ContrastiveSampleDataset(train_set, train_set.targets, c.nce_k, c.mode)  # type: ignore[attr-defined]
+            crd = CRDLoss(student.net.num_features, teacher.num_features, len(train_set), c.feat_dim, c.nce_t,
+                          c.nce_m)
         method = NORMDistiller(student, teacher, r.method.ce_weight, r.method.kd_weight, r.method.norm_weight,
                                r.method.kd_temperature, r.method.logit_scale,
-                               None if m is None else NormMultiplier(m.milestones, m.values, m.reference_epochs))
+                               None if m is None else NormMultiplier(m.milestones, m.values, m.reference_epochs),
+                               crd, 0.0 if c is None else c.weight)
     metrics = _fit(method, r, train_set, val_set, out, env, config_dict)
 
     if isinstance(method, NORMDistiller) and is_foldable(student.net):
