@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -35,7 +36,7 @@ from common.config import (
     save_resolved,
     validate,
 )
-from common.data import CIFAR, ImageFolder, build_transforms, write_synthetic_cifar
+from common.data import CIFAR, MNIST, ImageFolder, build_transforms, split_indices, write_synthetic_cifar
 from common.dist import DistEnv, barrier, cleanup, init_distributed
 from common.engine import Classifier, Trainer, eval_loader, evaluate
 from common.errors import UserError
@@ -52,12 +53,14 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class DataConfig:
-    name: str  # cifar100 | imagenet | synthetic_cifar
+    name: str  # cifar100 | imagenet | synthetic_cifar | mnist
     root: str | None = None
     num_classes: int = 100
     image_size: int = 32
     train_per_class: int = 64  # synthetic_cifar only
     test_per_class: int = 16
+    hflip: float = 0.5  # CIFAR training flip probability (the official 0.5; 0 in the smoke profile)
+    labelled: int | None = None  # mnist only: train on this many of the training digits (a seeded subset)
 
 
 @dataclass
@@ -121,7 +124,7 @@ def parse(cfg: DictConfig) -> RunConfig:
         schedule=validate(cfg.schedule, ScheduleConfig, "schedule."),
         logger=validate(cfg.logger, LoggerConfig, "logger."),
     )
-    check_choice("data.name", run.data.name, ("cifar100", "imagenet", "synthetic_cifar"))
+    check_choice("data.name", run.data.name, ("cifar100", "imagenet", "synthetic_cifar", "mnist"))
     check_choice("method.name", run.method.name, ("norm", "ce"))
     check_choice("model.student", run.model.student, MODEL_NAMES)
     if run.method.name == "norm":
@@ -140,6 +143,16 @@ def parse(cfg: DictConfig) -> RunConfig:
 
 def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """Train and evaluation sets with the official transforms (spec d.2, d.3); nothing is downloaded."""
+    if cfg.name == "mnist":  # the real-data check: the digits common reads (DESIGN s.3), 3-channel
+        if cfg.root is None:
+            raise UserError("config data.root: set the folder of the MNIST IDX files (e.g. ../shared/data/mnist)")
+        train_idx, held_out = split_indices(10_000, 8_000, seed=0)  # t10k file: 8,000 train, 2,000 held out
+        if cfg.labelled is not None:
+            train_idx = np.sort(np.random.default_rng(1).permutation(train_idx)[: cfg.labelled])
+        return (MNIST.from_root(cfg.root, "test", build_transforms("mnist", True, cfg.image_size, padding=2,
+                                                                   to_rgb=True), indices=train_idx),
+                MNIST.from_root(cfg.root, "test", build_transforms("mnist", False, cfg.image_size, to_rgb=True),
+                                indices=held_out))
     if cfg.name == "synthetic_cifar":
         if cfg.root is None:
             raise UserError("config data.root: set a folder for the synthetic CIFAR files")
@@ -152,7 +165,7 @@ def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset]:
         train_tf = build_transforms("imagenet", True, cfg.image_size, color_jitter=0.0)  # RRC + flip only
         return (ImageFolder(cfg.root, "train", train_tf),
                 ImageFolder(cfg.root, "val", build_transforms("imagenet", False, cfg.image_size)))
-    train_tf = build_transforms("cifar100", True, cfg.image_size)
+    train_tf = build_transforms("cifar100", True, cfg.image_size, hflip=cfg.hflip)
     test_tf = build_transforms("cifar100", False, cfg.image_size)
     return (CIFAR(cfg.root, cfg.num_classes, "train", train_tf),  # type: ignore[arg-type]
             CIFAR(cfg.root, cfg.num_classes, "test", test_tf))  # type: ignore[arg-type]

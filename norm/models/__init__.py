@@ -26,6 +26,8 @@ from .vgg import CFGS, VGG
 from .wrn import WideResNet
 
 _CIFAR: dict[str, Callable[..., nn.Module]] = {
+    "resnet8": lambda **kw: CifarResNet(8, (16, 16, 32, 64), **kw),  # RepDistiller's; the MNIST check's student
+    "resnet14": lambda **kw: CifarResNet(14, (16, 16, 32, 64), **kw),
     "resnet20": lambda **kw: CifarResNet(20, (16, 16, 32, 64), **kw),
     "resnet32": lambda **kw: CifarResNet(32, (16, 16, 32, 64), **kw),
     "resnet56": lambda **kw: CifarResNet(56, (16, 16, 32, 64), **kw),
