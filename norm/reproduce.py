@@ -90,10 +90,10 @@ def smoke(output_dir: str, epochs: int, image_size: int, extra: list[str]) -> No
     sizes = ["profile=smoke", f"output_dir={output_dir}", f"data.image_size={image_size}", "trainer.log_every=1000",
              *extra]
     t0 = time.time()
-    # the deeper teacher learns slower: it gets twice the students' epochs
+    # the deeper teacher learns slower: it gets twice the students' epochs (step decays at the same fractions)
     teacher, teacher_dir = _run([f"experiment=cifar100_teacher_{row['teacher']}", f"trainer.epochs={2 * epochs}",
-                                 *sizes])
-    sizes.append(f"trainer.epochs={epochs}")
+                                 f"schedule.milestones={_milestones(2 * epochs)}", *sizes])
+    sizes += [f"trainer.epochs={epochs}", f"schedule.milestones={_milestones(epochs)}"]
     baseline, _ = _run([f"experiment={SMOKE_ROW}", "method=ce", f"name={SMOKE_ROW}_baseline", "row=null", *sizes])
     norm, norm_dir = _run([f"experiment={SMOKE_ROW}", f"model.teacher_checkpoint={teacher_dir / 'best.pt'}",
                            *sizes])
@@ -126,6 +126,11 @@ def smoke(output_dir: str, epochs: int, image_size: int, extra: list[str]) -> No
     print(paper_report("norm", Path(output_dir)))
 
 
+def _milestones(epochs: int) -> list[int]:
+    """The CIFAR recipe's step decays (after 151/181/211 of 241 epochs) at the same fractions of a short run."""
+    return [round(epochs * m / 241) for m in (151, 181, 211)]
+
+
 def _acc(metrics: dict[str, float]) -> str:
     return f"{metrics['top1']:.2f} / {metrics.get('best_top1', float('nan')):.2f}"
 
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-dir", type=Path, default=None, help="released teacher checkpoints")
     p.add_argument("--rows", nargs="*", default=None, help="paper.yaml row ids (default: all)")
     p.add_argument("--output-dir", default="outputs")
-    p.add_argument("--smoke-epochs", type=int, default=5)
+    p.add_argument("--smoke-epochs", type=int, default=8)
     p.add_argument("--smoke-image-size", type=int, default=16)
     args, rest = p.parse_known_args(argv)
     extra = []
