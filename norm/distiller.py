@@ -1,10 +1,12 @@
 """The NORM distiller (mdistiller style): a frozen teacher, a student with the FT, the official objective.
 
-    L = gamma * CE(z~_s, y) + a * KD(z~_s, z~_t) + w(epoch) * b * L_NORM(e, t)            (spec b.4)
+    L = gamma * CE(z~_s, y) + a * KD(z~_s, z~_t) + w(epoch) * b * L_NORM(e, t) [+ c * L_CRD(f_s, f_t)]  (spec b.4)
 
 with z~ = 2.5 * LayerNorm(z) (official logit standardization), `e` the FT's expanded feature and `t` the
-teacher's feature at the same position. `forward_train(image, target)` returns the student's raw logits
-and the weighted losses by name; the trainer sums them.
+teacher's feature at the same position. NORM+CRD (spec b.8) adds RepDistiller's CRD on the pooled features
+the classifiers read (`f_s` after the FT and its shortcut), weighted c = 2.5; its targets are the packed rows
+of `crd.ContrastiveSampleDataset` (label, sample index, contrast indices). `forward_train(image, target)`
+returns the student's raw logits and the weighted losses by name; the trainer sums them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import NORMStudent
+from .crd import CRDLoss, unpack_targets
+from .models import NORMStudent, pre_logits
 from .norm import NormMultiplier, kd_loss, n_to_one_loss, standardize_logits
 
 
@@ -22,7 +25,8 @@ class NORMDistiller(nn.Module):
 
     def __init__(self, student: NORMStudent, teacher: nn.Module, ce_weight: float = 1.0,
                  kd_weight: float = 0.0, norm_weight: float = 1.0, kd_temperature: float = 4.0,
-                 logit_scale: float | None = 2.5, multiplier: NormMultiplier | None = None):
+                 logit_scale: float | None = 2.5, multiplier: NormMultiplier | None = None,
+                 crd: CRDLoss | None = None, crd_weight: float = 2.5):
         super().__init__()
         self.student = student
         self.teacher = teacher.eval().requires_grad_(False)
@@ -33,6 +37,8 @@ class NORMDistiller(nn.Module):
         self.logit_scale = logit_scale
         self.multiplier = multiplier
         self.current_multiplier = 1.0
+        self.crd = crd
+        self.crd_weight = crd_weight
 
     def train(self, mode: bool = True) -> NORMDistiller:
         super().train(mode)
@@ -44,8 +50,8 @@ class NORMDistiller(nn.Module):
         return list(self.student.net.parameters())
 
     def extra_parameters(self) -> list[nn.Parameter]:
-        """Train-time-only parameters (the FT), folded away at deployment."""
-        return list(self.student.ft.parameters())
+        """Train-time-only parameters (the FT, folded away at deployment; the CRD embeddings, dropped)."""
+        return list(self.student.ft.parameters()) + ([] if self.crd is None else list(self.crd.parameters()))
 
     @torch.no_grad()
     def teacher_forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
@@ -65,13 +71,24 @@ class NORMDistiller(nn.Module):
         return terms
 
     def forward_train(self, image: Tensor, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        expanded, logits = self.student.forward_train(image)
+        if self.crd is not None:
+            if target.ndim != 2:
+                raise ValueError("NORM+CRD needs the targets of crd.ContrastiveSampleDataset (label, index, "
+                                 "contrast indices); wrap the training set")
+            target, index, contrast_index = unpack_targets(target)
+        expanded, y = self.student.forward_ft(image)
+        logits = self.student.net.forward_head(y)
         teacher_feat, teacher_logits = self.teacher_forward(image)
         terms = self.loss_terms(expanded, logits, teacher_feat, teacher_logits, target, self.kd_weight != 0)
         losses = {"loss_ce": self.ce_weight * terms["ce"],
                   "loss_norm": self.current_multiplier * self.norm_weight * terms["norm"]}
         if "kd" in terms:
             losses["loss_kd"] = self.kd_weight * terms["kd"]
+        if self.crd is not None:
+            with torch.no_grad():
+                f_t = pre_logits(self.teacher, teacher_feat)
+            f_s = pre_logits(self.student.net, y)
+            losses["loss_crd"] = self.crd_weight * self.crd(f_s, f_t, index, contrast_index)
         return logits, losses
 
     def forward(self, image: Tensor) -> Tensor:

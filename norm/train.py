@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -35,13 +36,14 @@ from common.config import (
     save_resolved,
     validate,
 )
-from common.data import CIFAR, ImageFolder, build_transforms, write_synthetic_cifar
+from common.data import CIFAR, MNIST, ImageFolder, build_transforms, split_indices, write_synthetic_cifar
 from common.dist import DistEnv, barrier, cleanup, init_distributed
 from common.engine import Classifier, Trainer, eval_loader, evaluate
 from common.errors import UserError
 from common.report import write_result
 
 from .convert import load_teacher
+from .crd import ContrastiveSampleDataset, CRDLoss
 from .distiller import NORMDistiller
 from .models import MODEL_NAMES, NORMStudent, create_model, is_foldable
 from .norm import NormMultiplier
@@ -51,12 +53,14 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class DataConfig:
-    name: str  # cifar100 | imagenet | synthetic_cifar
+    name: str  # cifar100 | imagenet | synthetic_cifar | mnist
     root: str | None = None
     num_classes: int = 100
     image_size: int = 32
     train_per_class: int = 64  # synthetic_cifar only
     test_per_class: int = 16
+    hflip: float = 0.5  # CIFAR training flip probability (the official 0.5; 0 in the smoke profile)
+    labelled: int | None = None  # mnist only: train on this many of the training digits (a seeded subset)
 
 
 @dataclass
@@ -74,6 +78,17 @@ class MultiplierConfig:
 
 
 @dataclass
+class CRDConfig:
+    """RepDistiller CRD as the NORM_CRD term (spec b.8); defaults are train_cifar_student.py's flags."""
+    weight: float = 2.5       # opt.ceta
+    feat_dim: int = 128       # --feat_dim
+    nce_k: int = 16384        # --nce_k negatives per anchor
+    nce_t: float = 0.07       # --nce_t
+    nce_m: float = 0.5        # --nce_m memory momentum
+    mode: str = "exact"       # --mode exact | relax
+
+
+@dataclass
 class MethodConfig:
     name: str = "norm"  # norm | ce
     n: int = 8
@@ -84,6 +99,7 @@ class MethodConfig:
     kd_temperature: float = 4.0
     logit_scale: float | None = 2.5
     multiplier: MultiplierConfig | None = field(default_factory=MultiplierConfig)
+    crd: CRDConfig | None = None  # NORM+CRD rows
 
 
 @dataclass
@@ -108,7 +124,7 @@ def parse(cfg: DictConfig) -> RunConfig:
         schedule=validate(cfg.schedule, ScheduleConfig, "schedule."),
         logger=validate(cfg.logger, LoggerConfig, "logger."),
     )
-    check_choice("data.name", run.data.name, ("cifar100", "imagenet", "synthetic_cifar"))
+    check_choice("data.name", run.data.name, ("cifar100", "imagenet", "synthetic_cifar", "mnist"))
     check_choice("method.name", run.method.name, ("norm", "ce"))
     check_choice("model.student", run.model.student, MODEL_NAMES)
     if run.method.name == "norm":
@@ -117,11 +133,26 @@ def parse(cfg: DictConfig) -> RunConfig:
         check_choice("model.teacher", run.model.teacher, MODEL_NAMES)
         if run.method.n < 1:
             raise UserError(f"config method.n={run.method.n}: N must be a positive integer")
+    if run.method.crd is not None:
+        check_choice("method.crd.mode", run.method.crd.mode, ("exact", "relax"))
+        if run.method.name != "norm" or run.trainer.mixup or run.trainer.cutmix:
+            raise UserError("config method.crd: CRD is a term of method=norm and needs integer labels "
+                            "(no trainer.mixup / trainer.cutmix)")
     return run
 
 
 def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """Train and evaluation sets with the official transforms (spec d.2, d.3); nothing is downloaded."""
+    if cfg.name == "mnist":  # the real-data check: the digits common reads (DESIGN s.3), 3-channel
+        if cfg.root is None:
+            raise UserError("config data.root: set the folder of the MNIST IDX files (e.g. ../shared/data/mnist)")
+        train_idx, held_out = split_indices(10_000, 8_000, seed=0)  # t10k file: 8,000 train, 2,000 held out
+        if cfg.labelled is not None:
+            train_idx = np.sort(np.random.default_rng(1).permutation(train_idx)[: cfg.labelled])
+        return (MNIST.from_root(cfg.root, "test", build_transforms("mnist", True, cfg.image_size, padding=2,
+                                                                   to_rgb=True), indices=train_idx),
+                MNIST.from_root(cfg.root, "test", build_transforms("mnist", False, cfg.image_size, to_rgb=True),
+                                indices=held_out))
     if cfg.name == "synthetic_cifar":
         if cfg.root is None:
             raise UserError("config data.root: set a folder for the synthetic CIFAR files")
@@ -134,7 +165,7 @@ def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset]:
         train_tf = build_transforms("imagenet", True, cfg.image_size, color_jitter=0.0)  # RRC + flip only
         return (ImageFolder(cfg.root, "train", train_tf),
                 ImageFolder(cfg.root, "val", build_transforms("imagenet", False, cfg.image_size)))
-    train_tf = build_transforms("cifar100", True, cfg.image_size)
+    train_tf = build_transforms("cifar100", True, cfg.image_size, hflip=cfg.hflip)
     test_tf = build_transforms("cifar100", False, cfg.image_size)
     return (CIFAR(cfg.root, cfg.num_classes, "train", train_tf),  # type: ignore[arg-type]
             CIFAR(cfg.root, cfg.num_classes, "test", test_tf))  # type: ignore[arg-type]
@@ -190,10 +221,16 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
             print(f"teacher {r.model.teacher}: top1 {extra['teacher_top1']:.2f}")
         student = NORMStudent(create_model(r.model.student, nc, norm_variant=True), teacher.num_features,
                               r.method.n, r.method.residual)
-        m = r.method.multiplier
+        m, c = r.method.multiplier, r.method.crd
+        crd = None
+        if c is not None:  # CRD needs each sample's index and contrast indices, and a bank row per sample
+            train_set = ContrastiveSampleDataset(train_set, train_set.targets, c.nce_k, c.mode)  # type: ignore[attr-defined]
+            crd = CRDLoss(student.net.num_features, teacher.num_features, len(train_set), c.feat_dim, c.nce_t,
+                          c.nce_m)
         method = NORMDistiller(student, teacher, r.method.ce_weight, r.method.kd_weight, r.method.norm_weight,
                                r.method.kd_temperature, r.method.logit_scale,
-                               None if m is None else NormMultiplier(m.milestones, m.values, m.reference_epochs))
+                               None if m is None else NormMultiplier(m.milestones, m.values, m.reference_epochs),
+                               crd, 0.0 if c is None else c.weight)
     metrics = _fit(method, r, train_set, val_set, out, env, config_dict)
 
     if isinstance(method, NORMDistiller) and is_foldable(student.net):

@@ -18,6 +18,7 @@ from timm.models.resnet import ResNet as TimmResNet
 from torch import Tensor, nn
 
 from ..norm import FeatureTransform, fold_into_linear
+from .base import PooledClassifier
 from .cifar_resnet import CifarResNet, CifarResNetV2
 from .mobilenetv2 import MobileNetV2
 from .shufflenet import ShuffleNetV1, ShuffleNetV2
@@ -25,6 +26,8 @@ from .vgg import CFGS, VGG
 from .wrn import WideResNet
 
 _CIFAR: dict[str, Callable[..., nn.Module]] = {
+    "resnet8": lambda **kw: CifarResNet(8, (16, 16, 32, 64), **kw),  # RepDistiller's; the MNIST check's student
+    "resnet14": lambda **kw: CifarResNet(14, (16, 16, 32, 64), **kw),
     "resnet20": lambda **kw: CifarResNet(20, (16, 16, 32, 64), **kw),
     "resnet32": lambda **kw: CifarResNet(32, (16, 16, 32, 64), **kw),
     "resnet56": lambda **kw: CifarResNet(56, (16, 16, 32, 64), **kw),
@@ -73,6 +76,13 @@ def is_foldable(net: nn.Module) -> bool:
     return getattr(net, "foldable", True)
 
 
+def pre_logits(net: nn.Module, feat: Tensor) -> Tensor:
+    """The pooled feature `net`'s classifier reads, from its `forward_features` map (CRD's f_s / f_t)."""
+    if isinstance(net, PooledClassifier):
+        return net.pool(feat)
+    return net.forward_head(feat, pre_logits=True)  # timm
+
+
 class NORMStudent(nn.Module):
     """A plain network `net` with NORM's Feature Transform between its last stage and its head."""
 
@@ -81,9 +91,13 @@ class NORMStudent(nn.Module):
         self.net = net
         self.ft = FeatureTransform(net.num_features, teacher_channels, n, residual)
 
+    def forward_ft(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns `(e, y)`: the expanded feature matched to the teacher and the FT output the head reads."""
+        return self.ft(self.net.forward_features(x))
+
     def forward_train(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Returns `(e, logits)`: the expanded feature matched to the teacher and the raw logits."""
-        e, y = self.ft(self.net.forward_features(x))
+        e, y = self.forward_ft(x)
         return e, self.net.forward_head(y)
 
     def forward(self, x: Tensor) -> Tensor:
