@@ -591,3 +591,149 @@ def kd_train_step(student: nn.Module, teacher: nn.Module, images: Tensor, augmen
     loss.backward()
     optimizer.step()
     return loss.detach(), per
+
+
+# ------------------------------------------------------------------------------- d.6 time accounting
+class StageTimer:
+    """Wall-clock time per stage (spec d.6), the device synchronised before each reading so queued GPU work is
+    charged to the stage that issued it. `t_total = t_inv + t_kd`; evaluation is never timed here. `synthesis`
+    is Fast's own logged number (the `synthesize()` call only), kept so its README column can be checked."""
+
+    STAGES = ("inv", "kd", "synthesis")
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.totals = dict.fromkeys(self.STAGES, 0.0)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if name not in self.totals:
+            raise KeyError(f"unknown timer stage {name!r}; stages: {', '.join(self.STAGES)}")
+        import time
+
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[name] += time.perf_counter() - start
+
+    @property
+    def t_inv(self) -> float:
+        return self.totals["inv"]
+
+    @property
+    def t_kd(self) -> float:
+        return self.totals["kd"]
+
+    @property
+    def t_total(self) -> float:
+        return self.totals["inv"] + self.totals["kd"]
+
+    def summary(self) -> dict[str, float]:
+        return {"t_inv": self.t_inv, "t_kd": self.t_kd, "t_total": self.t_total,
+                "t_synthesis_only": self.totals["synthesis"]}
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.totals)
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.totals = {k: float(state.get(k, 0.0)) for k in self.STAGES}
+
+
+# ------------------------------------------------------------------------------- b.6 the Fast epoch
+class DataFreeKD:
+    """Fast-DFKD / DeepInv-k / real-data KD, one epoch at a time (spec b.6, b.9 items 5-7):
+
+    for each epoch: `synth_per_epoch` synthesis calls into the pool (none without a synthesizer); from epoch
+    `warmup` on, `kd_steps` student steps on uniformly drawn pool batches, then one LR-scheduler step. Warm-up
+    epochs do no KD and no scheduler step (the adversarial gate lives in the synthesizer)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, synthesizer: Any, pool: ImagePool,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, augment: nn.Module, *, warmup: int = 20,
+                 kd_steps: int = 400, batch_size: int = 256, temperature: float = 20.0, synth_per_epoch: int = 1,
+                 timer: StageTimer | None = None):
+        self.teacher, self.student, self.synthesizer, self.pool = teacher, student, synthesizer, pool
+        self.optimizer, self.scheduler, self.augment = optimizer, scheduler, augment
+        self.warmup, self.kd_steps, self.batch_size, self.temperature = warmup, kd_steps, batch_size, temperature
+        self.synth_per_epoch = synth_per_epoch
+        self.timer = timer or StageTimer(next(student.parameters()).device)
+        self.epoch = 0  # epochs completed
+        self.n_generated = 0
+        self.kd_step_count = 0
+
+    def synthesis_round(self) -> None:
+        with self.timer.stage("synthesis"):
+            out = self.synthesizer.synthesize()
+        self.pool.add(out.images)
+        self.n_generated += out.images.shape[0]
+
+    def kd_round(self) -> float:
+        total: Tensor | None = None  # summed on the device: no host sync per step
+        for _ in range(self.kd_steps):
+            _, images, _ = self.pool.sample(self.batch_size)
+            loss, _ = kd_train_step(self.student, self.teacher, images, self.augment, self.optimizer, self.temperature)
+            total = loss if total is None else total + loss
+            self.kd_step_count += 1
+        return float(total) / self.kd_steps if total is not None else 0.0
+
+    def run_epoch(self) -> dict[str, float]:
+        """One epoch; returns the epoch's metrics (cumulative timers, samples generated, store size)."""
+        epoch = self.epoch
+        if self.synthesizer is not None:
+            for _ in range(self.synth_per_epoch):
+                with self.timer.stage("inv"):
+                    self.synthesis_round()
+        metrics: dict[str, float] = {"epoch": float(epoch)}
+        if epoch >= self.warmup:
+            with self.timer.stage("kd"):
+                metrics["loss_kd"] = self.kd_round()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        self.epoch += 1
+        metrics.update(self.timer.summary())
+        metrics.update({"samples_generated": float(self.n_generated), "store_size": float(len(self.pool)),
+                        "lr": float(self.optimizer.param_groups[0]["lr"])})
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that changes the maths: student, optimiser, scheduler, synthesizer, pool, counters, timers."""
+        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "synthesizer": None if not hasattr(self.synthesizer, "state_dict") else self.synthesizer.state_dict(),
+                "store": self.pool.state_dict(), "epoch": self.epoch, "n_generated": self.n_generated,
+                "kd_step_count": self.kd_step_count, "timer": self.timer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state["synthesizer"] is not None:
+            self.synthesizer.load_state_dict(state["synthesizer"])
+        self.pool.load_state_dict(state["store"])
+        self.epoch, self.n_generated = int(state["epoch"]), int(state["n_generated"])
+        self.kd_step_count = int(state["kd_step_count"])
+        self.timer.load_state_dict(state["timer"])
+
+
+def class_balanced_subset(labels: Tensor, count: int, seed: int) -> Tensor:
+    """A seeded class-balanced subset of `count` indices (KD on 10% real data, Fig. 1's 5,000 images, spec d.4-d.5):
+    count / C per class (the remainder to the lowest classes), drawn without replacement."""
+    labels = torch.as_tensor(labels)
+    classes = torch.unique(labels)
+    per, extra = divmod(count, len(classes))
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for i, c in enumerate(classes.tolist()):  # loop over classes (<= 100), not samples
+        idx = torch.nonzero(labels == c).flatten()
+        want = per + (1 if i < extra else 0)
+        if want > idx.numel():
+            raise ValueError(f"class {c} has {idx.numel()} samples, {want} requested")
+        picked.append(idx[torch.randperm(idx.numel(), generator=g)[:want]])
+    return torch.cat(picked).sort().values
