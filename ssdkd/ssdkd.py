@@ -186,7 +186,7 @@ class ReplayBuffer:
     def update_priority(self, idx: Tensor, discrepancy: Tensor) -> None:
         """d_i <- the step's per-sample discrepancy (mean over repeated draws), q_i <- (d_i + eps)^alpha."""
         idx, d = idx.to(self.device), discrepancy.detach().float().to(self.device)
-        self.discrepancy.index_reduce_(0, idx, d, "mean", include_self=False)
+        self.discrepancy.scatter_reduce_(0, idx, d, reduce="mean", include_self=False)
         self.priority[idx] = (self.discrepancy[idx] + self.epsilon) ** self.alpha
 
     # ---- exact resume
