@@ -28,6 +28,9 @@ class _Classifier(nn.Module):
     def get_classifier(self) -> nn.Module:
         raise NotImplementedError
 
+    def get_classifier(self) -> nn.Module:
+        return self.classifier[1]
+
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
@@ -370,7 +373,10 @@ class MobileNetV2(_TVMobileNetV2):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.classifier(x)
+        return x if pre_logits else self.classifier(x)  # Dropout(0.2) + Linear
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier[1]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
