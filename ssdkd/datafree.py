@@ -459,7 +459,8 @@ class DeepInversionSynthesizer:
                  lr: float = 0.1, adv: float = 1.0, bn: float = 10.0, oh: float = 1.0, tv: float = 0.0,
                  l2: float = 0.0, student_bn: float = 0.001, js_temperature: float = 3.0, true_best: bool = False):
         self.teacher, self.student, self.normalizer = teacher, student, normalizer
-        self.num_classes, self.img_size, self.batch_size, self.iterations = num_classes, img_size, batch_size, iterations
+        self.num_classes, self.img_size = num_classes, img_size
+        self.batch_size, self.iterations = batch_size, iterations
         self.lr, self.adv, self.bn, self.oh, self.tv, self.l2 = lr, adv, bn, oh, tv, l2
         self.student_bn, self.js_temperature, self.true_best = student_bn, js_temperature, true_best
         self.t_bn = BNStatisticsLoss(teacher, 0.0)

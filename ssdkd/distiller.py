@@ -207,7 +207,8 @@ def build_method(cfg: Any, teacher: nn.Module, student: nn.Module,
             gamma=float(phi["gamma"]), div_form=phi["div_form"], use_priority=bool(pri["use"]),
             alpha=float(pri["alpha"]), epsilon=float(pri["epsilon"]), beta0=float(pri["beta0"]),
             beta_end=float(pri["beta_end"]))
-        buffer = ReplayBuffer(buffer_capacity(store, int(data["train_size"])), num_classes, (int(syn_cfg["nc"]), img, img),
+        capacity = buffer_capacity(store, int(data["train_size"]))
+        buffer = ReplayBuffer(capacity, num_classes, (int(syn_cfg["nc"]), img, img),
                               replace_per_call=int(store["replace_per_call"]), quantize=bool(store["quantize_uint8"]),
                               alpha=scfg.alpha, epsilon=scfg.epsilon, use_priority=scfg.use_priority, device=device)
         return SSDKD(teacher, student, synth, buffer, optimizer, scheduler, augment, scfg, timer)

@@ -128,7 +128,7 @@ class ReplayBuffer:
                         images, targets, t_logits)
             self.size += n_fill
         left = order[n_fill:]
-        k = min(self.replace_per_call, left.numel())
+        k = min(self.replace_per_call, left.numel(), self.size)
         if k == 0:
             return 0
         if order_by_phi:

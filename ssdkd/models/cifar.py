@@ -28,9 +28,6 @@ class _Classifier(nn.Module):
     def get_classifier(self) -> nn.Module:
         raise NotImplementedError
 
-    def get_classifier(self) -> nn.Module:
-        return self.classifier[1]
-
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 

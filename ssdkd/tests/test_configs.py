@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from common.config import compose
 from common.errors import UserError
 from ssdkd.datafree import DataFreeKD, DeepInversionSynthesizer
-from ssdkd.distiller import build_method, build_real_kd, buffer_capacity, validate_method
+from ssdkd.distiller import buffer_capacity, build_method, build_real_kd, validate_method
 from ssdkd.models import create_model
 from ssdkd.ssdkd import SSDKD
 

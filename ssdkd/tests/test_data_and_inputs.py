@@ -104,7 +104,8 @@ def test_checkpoint_filter_fn_torchvision_deeplab() -> None:
 
 
 def test_fixture_dispatch_names_unknown_sources() -> None:
-    assert convert.fixture_kind({"source": "datafree/hooks.py::DeepInversionHook (zju-vipa/Fast-Datafree)"}) == "bn_loss"
+    src = "datafree/hooks.py::DeepInversionHook (zju-vipa/Fast-Datafree)"
+    assert convert.fixture_kind({"source": src}) == "bn_loss"
     assert convert.fixture_kind({"source": "datafree/synthesis/fast_meta.py::FastMetaSynthesizer.synthesize "
                                            "(loss block), datafree/criterions.py::kldiv"}) == "inversion_losses"
     with pytest.raises(UserError, match="unknown fixture source datafree/synthesis/contrastive.py::CMISynthesizer"):

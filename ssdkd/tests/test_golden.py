@@ -63,7 +63,8 @@ def adam_step_close(ours: torch.Tensor, ref: torch.Tensor, adam: Mapping[str, An
 
 
 def _bn_loss(d: dict[str, Any], cfg: Mapping[str, Any]) -> None:
-    model = convert.model_from_record(convert.require(cfg, "arch"), convert.require(cfg, "num_classes"), d["state_dict"])
+    model = convert.model_from_record(convert.require(cfg, "arch"), convert.require(cfg, "num_classes"),
+                                      d["state_dict"])
     convert.set_mode(model, cfg.get("model_mode", "eval"), "model_mode")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     if "bn_layer_names" in cfg:
@@ -96,7 +97,8 @@ def _bn_loss(d: dict[str, Any], cfg: Mapping[str, Any]) -> None:
 
 def _generator(d: dict[str, Any], cfg: Mapping[str, Any]) -> None:
     gen = convert.generator_from_record(cfg, d["state_dict"])
-    assert sum(p.numel() for p in gen.parameters()) == int(cfg.get("num_params", sum(p.numel() for p in gen.parameters())))
+    n_params = sum(p.numel() for p in gen.parameters())
+    assert n_params == int(cfg.get("num_params", n_params))
     if "default_cifar_config" in cfg:
         dc = cfg["default_cifar_config"]
         default = convert.generator_from_record(dc)

@@ -108,7 +108,7 @@ def test_h11_buffer_capacity_partial_replacement_alignment():
     torch.manual_seed(2)
     c, cap, k = 4, 10, 3
     buf = ReplayBuffer(cap, c, (1, 2, 2), replace_per_call=k)
-    for call in range(6):
+    for _ in range(6):
         n = 4
         images = torch.rand(n, 1, 2, 2)
         targets = torch.randint(0, c, (n,))
@@ -290,3 +290,10 @@ def test_models_stay_in_their_modes():
     m.run_epoch()
     assert not m.teacher.training and m.student.training and m.synthesizer.generator.training
     assert isinstance(m.teacher, nn.Module)
+
+
+def test_h11_replacement_never_exceeds_the_buffer():
+    buf = ReplayBuffer(2, 3, (1, 2, 2), replace_per_call=6)
+    assert buf.admit(torch.rand(5, 1, 2, 2), torch.randint(0, 3, (5,)), torch.randn(5, 3)) == 2
+    assert buf.admit(torch.rand(5, 1, 2, 2), torch.randint(0, 3, (5,)), torch.randn(5, 3)) == 2
+    assert len(buf) == 2
