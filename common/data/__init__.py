@@ -13,6 +13,7 @@ from common.data.base import DatasetError
 from common.data.cifar import CIFAR, CIFAR10, CIFAR100, load_cifar, resolve_cifar_dir
 from common.data.imagefolder import IMG_EXTENSIONS, ImageFolder, find_classes, load_rgb
 from common.data.mnist import MNIST, find_mnist_files, read_idx, split_indices, write_idx
+from common.data.nyuv2 import NYUv2, NYUv2Transform, write_synthetic_nyuv2
 from common.data.segmentation import (
     SEGMENTATION_DATASETS,
     SegmentationDataset,
@@ -49,6 +50,8 @@ __all__ = [
     "IMG_EXTENSIONS",
     "ImageFolder",
     "MNIST",
+    "NYUv2",
+    "NYUv2Transform",
     "SEGMENTATION_DATASETS",
     "SegmentationDataset",
     "build_dataset",
@@ -65,6 +68,7 @@ __all__ = [
     "write_idx",
     "write_synthetic_cifar",
     "write_synthetic_imagefolder",
+    "write_synthetic_nyuv2",
     "write_synthetic_segmentation",
 ]
 
