@@ -462,11 +462,14 @@ class SNNBinarize(nn.Module):
         if refine_every < 0:
             raise ValueError(f"refine_every must be >= 0 (0 = never refine), got {refine_every}")
         self.bit_num, self.refine_every, self.zero_grad_set_to_none = bit_num, refine_every, zero_grad_set_to_none
-        self.rng = rng if rng is not None else random  # official: Python's global `random`
-        ids = self.rng.sample(list(range(N_CODEWORDS)), 2 ** bit_num)
+        self.rng = rng  # None: Python's global `random`, as the official code
+        ids = self._random().sample(list(range(N_CODEWORDS)), 2 ** bit_num)
         self.patterns = nn.Parameter(codebook()[ids])
         self.register_buffer("memory", torch.sign(self.patterns.detach()).clone())
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def _random(self) -> random.Random:
+        return self.rng if self.rng is not None else random._inst  # noqa: SLF001
 
     def current_memory(self) -> Tensor:
         """Hysteresis: sign(patterns) where |patterns| >= 1e-3, else the previous memory."""
@@ -505,7 +508,7 @@ class SNNBinarize(nn.Module):
                     keep.append(row)
             rows = [patterns[keep]]
             table = codebook(patterns.dtype, patterns.device)
-            for i in self.rng.sample(list(range(N_CODEWORDS)), 2 ** self.bit_num):
+            for i in self._random().sample(list(range(N_CODEWORDS)), 2 ** self.bit_num):
                 if len(keep) + len(rows) - 1 == len(ids):
                     break
                 if i not in seen:
