@@ -477,19 +477,18 @@ class SNNBinarize(nn.Module):
         return torch.where(p.abs() >= 1e-3, torch.sign(p), self.memory)
 
     def forward(self, weight: Tensor) -> Tensor:
-        """Unscaled binary weights B (codeword + clip STE, the official left-to-right order)."""
+        """Unscaled binary weights B: codeword + clip STE (values exact; the official left-to-right order gives
+        the same maths with +-1 ulp, spec b.10.3)."""
         memory = self.current_memory()
         idx = nearest_codeword(weight.detach().reshape(-1, KERNEL_NUMEL), memory)
-        binary = memory.index_select(0, idx).reshape(weight.shape)
-        clipped = weight.clamp(-1.0, 1.0)
-        out = binary - clipped.detach() + clipped
+        out = memory.index_select(0, idx).reshape(weight.shape) + clip_ste(weight)  # exact codeword values
         if not self.training:
             return out
         self.memory.copy_(memory)
         self.step.add_(1)
         if self.refine_every and int(self.step) % self.refine_every == 0:
             selected = self.patterns.index_select(0, idx).reshape(weight.shape)
-            out = out - selected.detach() + selected
+            out = out + (selected - selected.detach())
             self.compensate_patterns()
         elif not self.zero_grad_set_to_none and self.refine_every and int(self.step) > self.refine_every:
             out = out + self.patterns.sum() * 0.0  # torch-1.4 zero_grad: a zero gradient, not None
