@@ -10,7 +10,8 @@ that loads strictly into `model`. Rules:
 3. for a Sparks model, an SNN sub-codebook seeds the layer: X[r, id_r] = kappa, so Hungarian(X) puts the
    SNN ids in rows 0..n-1; a step-1 checkpoint (no patterns) gets the selector's own init from the
    step-1 latent weights (`freq`: most frequent codewords at kappa, b.8; `zeros`: X = 0);
-4. a step-1 checkpoint for an SNN / fixed model keeps the model's random sub-codebook (the official
+4. the Sparks selection schedule, absent from other checkpoints, starts at step 0;
+5. a step-1 checkpoint for an SNN / fixed model keeps the model's random sub-codebook (the official
    `strict=False` load, d.1); for `bnn` / `real` models patterns are dropped.
 """
 
@@ -85,6 +86,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
             out[f"{prefix}binarize.selected_ids"] = codeword_ids(patterns)
         elif conv.quantizer == "fixed":
             out.setdefault(f"{prefix}binarize.selected_ids", own[f"{prefix}binarize.selected_ids"])
+    for key, value in own.items():  # a step-2 run from another checkpoint starts its schedule at step 0
+        if key.startswith("selection_schedule.") and key not in out:
+            out[key] = torch.zeros_like(value) if key.endswith(".step") else value
     return out
 
 

@@ -199,7 +199,7 @@ def default_solver_threads() -> int:
     return int(env) if env else min(4, os.cpu_count() or 1)
 
 
-def _solve(score: "object") -> Tensor:
+def _solve(score: object) -> Tensor:
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(score, maximize=True)

@@ -23,7 +23,6 @@ from pste_bnn.convert import checkpoint_filter_fn
 from pste_bnn.models import BasicBlock, BinaryActivation, avgpool_downsample
 from pste_bnn.sparks import (
     HardBinaryConv,
-    SNNBinarize,
     channel_scale,
     codebook,
     hungarian,
