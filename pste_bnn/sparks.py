@@ -188,7 +188,7 @@ def _pool(threads: int) -> ThreadPoolExecutor | None:
     global _POOL
     if threads <= 1:
         return None
-    if _POOL is None or _POOL._max_workers != threads:  # noqa: SLF001
+    if _POOL is None or _POOL._max_workers != threads:
         _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hungarian")
     return _POOL
 
@@ -468,8 +468,8 @@ class SNNBinarize(nn.Module):
         self.register_buffer("memory", torch.sign(self.patterns.detach()).clone())
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    def _random(self) -> random.Random:
-        return self.rng if self.rng is not None else random._inst  # noqa: SLF001
+    def _random(self):  # -> random.Random or the `random` module (its global instance)
+        return self.rng if self.rng is not None else random
 
     def current_memory(self) -> Tensor:
         """Hysteresis: sign(patterns) where |patterns| >= 1e-3, else the previous memory."""
