@@ -106,34 +106,42 @@ class _SinkhornScaling(torch.autograd.Function):
 
     After half-step h the log-space iterate is log(diag(a_h) K diag(b_h)) with K = exp(Z - rowmax Z), so
     the forward is 2L matrix-vector products instead of 2L full log-sum-exp passes. The VJP of a row
-    (column) step is g - M_h * rowsum(g) (colsum(g)); every correction is K scaled on both sides, so
-    dL/dZ = g_L - K * (sum_h u_h v_h^T) with the running sums also kept by matrix-vector products.
+    (column) step is g - M_h * rowsum(g) (colsum(g)), after which that sum is exactly 0; every correction
+    is K scaled on both sides, so dL/dZ = g_L - K * (sum_h u_h v_h^T), the running sums kept by one
+    matrix-vector product per half-step. Layers go in chunks that stay in cache across the 2L products.
     Layers whose scaling vectors leave a safe float64 range fall back to plain log-space autograd.
     """
 
     SAFE = 1e100
+    CHUNK_BYTES = 8 << 20
+
+    @staticmethod
+    def _chunks(batch: int, size: int) -> list[slice]:
+        step = max(1, _SinkhornScaling.CHUNK_BYTES // (size * size * 8))
+        return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
 
     @staticmethod
     def forward(ctx, scores: Tensor, temperature: float, iters: int, rows: int) -> Tensor:  # type: ignore[override]
         z = scores.detach().to(torch.float64) / temperature
         kern = torch.exp(z - z.amax(dim=-1, keepdim=True))
         batch, size = z.shape[0], z.shape[-1]
-        a = torch.ones(batch, size, 1, dtype=z.dtype, device=z.device)
-        b = torch.ones(batch, size, 1, dtype=z.dtype, device=z.device)
-        kern_t = kern.transpose(1, 2)
-        a_hist, b_hist = [], []
-        for _ in range(iters):
-            a = 1.0 / torch.bmm(kern, b)
-            a_hist.append(a)
-            b = 1.0 / torch.bmm(kern_t, a)
-            b_hist.append(b)
+        a_hist = torch.empty(iters, batch, size, 1, dtype=z.dtype, device=z.device)
+        b_hist = torch.empty_like(a_hist)
+        for sl in _SinkhornScaling._chunks(batch, size):
+            k, k_t = kern[sl], kern[sl].transpose(1, 2)
+            b = torch.ones(k.shape[0], size, 1, dtype=z.dtype, device=z.device)
+            for i in range(iters):
+                a = torch.bmm(k, b).reciprocal_()
+                b = torch.bmm(k_t, a).reciprocal_()
+                a_hist[i, sl], b_hist[i, sl] = a, b
+        a, b = a_hist[-1], b_hist[-1]
         top = a[:, :rows] * kern[:, :rows] * b.transpose(1, 2)
         ok = (torch.isfinite(a) & (a < _SinkhornScaling.SAFE)).all(dim=(1, 2)) & \
              (torch.isfinite(b) & (b < _SinkhornScaling.SAFE)).all(dim=(1, 2))
         fallback = (~ok).nonzero().flatten().tolist()
         for layer in fallback:  # extreme logits / temperature: the log-space form itself
             top[layer] = log_sinkhorn(z[layer], iters)[:rows].exp()
-        ctx.save_for_backward(scores, kern, top, torch.stack(a_hist), torch.stack(b_hist))
+        ctx.save_for_backward(scores, kern, top, a_hist, b_hist)
         ctx.temperature, ctx.iters, ctx.rows, ctx.fallback = temperature, iters, rows, fallback
         return top.to(scores.dtype)
 
@@ -143,21 +151,29 @@ class _SinkhornScaling(torch.autograd.Function):
         rows, iters, t = ctx.rows, ctx.iters, ctx.temperature
         batch, size = kern.shape[0], kern.shape[-1]
         g_top = grad_top.to(torch.float64) * top  # through exp: dL/dZ_final on rows < n, 0 below
-        row_sum = torch.zeros(batch, size, 1, dtype=torch.float64, device=kern.device)
-        row_sum[:, :rows] = g_top.sum(dim=2, keepdim=True)
-        col_sum = g_top.sum(dim=1, keepdim=True).transpose(1, 2)  # [B, N, 1]
-        kern_t = kern.transpose(1, 2)
-        us, vs = [], []
-        for k in range(iters - 1, -1, -1):
-            for col_step in (True, False):  # reverse order: column step, then row step
-                a = a_hist[k]
-                b = b_hist[k] if col_step else (b_hist[k - 1] if k > 0 else torch.ones_like(a))
-                u, v = (a, b * col_sum) if col_step else (a * row_sum, b)
-                row_sum = row_sum - u * torch.bmm(kern, v)
-                col_sum = col_sum - v * torch.bmm(kern_t, u)
-                us.append(u)
+        grad_z = torch.empty_like(kern)
+        ones = torch.ones(batch, size, 1, dtype=torch.float64, device=kern.device)
+        for sl in _SinkhornScaling._chunks(batch, size):
+            k, k_t, g = kern[sl], kern[sl].transpose(1, 2), g_top[sl]
+            row_sum = torch.zeros(k.shape[0], size, 1, dtype=torch.float64, device=k.device)
+            row_sum[:, :rows] = g.sum(dim=2, keepdim=True)
+            col_sum = g.sum(dim=1, keepdim=True).transpose(1, 2)  # [b, N, 1]
+            us, vs = [], []
+            for i in range(iters - 1, -1, -1):
+                a = a_hist[i, sl]
+                # column step i: correction diag(a) K diag(b * colsum); colsum -> 0, rowsum updated
+                v = b_hist[i, sl] * col_sum
+                row_sum = row_sum - a * torch.bmm(k, v)
+                us.append(a)
                 vs.append(v)
-        grad_z = torch.bmm(torch.cat(us, dim=2), torch.cat(vs, dim=2).transpose(1, 2)).mul_(kern).neg_()
+                # row step i: correction diag(a * rowsum) K diag(b_prev); rowsum -> 0, colsum updated
+                b_prev = b_hist[i - 1, sl] if i > 0 else ones[sl]
+                u = a * row_sum
+                col_sum = -b_prev * torch.bmm(k_t, u)
+                us.append(u)
+                vs.append(b_prev)
+                row_sum = torch.zeros_like(row_sum)
+            grad_z[sl] = torch.bmm(torch.cat(us, dim=2), torch.cat(vs, dim=2).transpose(1, 2)).mul_(k).neg_()
         grad_z[:, :rows] += g_top
         for layer in ctx.fallback:
             with torch.enable_grad():
