@@ -407,3 +407,68 @@ def test_golden_unhonoured_value_fails_by_name() -> None:
     cfg.take("bit_num")
     with pytest.raises(pytest.fail.Exception, match="new_knob"):
         cfg.check_all_used()
+
+
+def _reference_pste_fixture(n: int, t: float, iters: int, gamma: float, seed: int, shape: tuple[int, ...]) -> dict:
+    """A new spec-reference fixture of the same kind, computed independently of pste_bnn.sparks' fast path:
+    plain log-space autograd Sinkhorn, explicit P_hard with the b.6 brackets, scipy on -(X + G)."""
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(seed)
+    x32 = torch.randn(512, 512, generator=g)
+    u = torch.rand(512, 512, generator=g)
+    g32 = -torch.log(-torch.log(u + 1e-20) + 1e-20)
+    w32, r32 = torch.randn(shape, generator=g) * 0.6, torch.randn(shape, generator=g)
+    x, w = x32.double().requires_grad_(True), w32.double().requires_grad_(True)
+    s = x + gamma * g32.double()
+    perm = torch.from_numpy(linear_sum_assignment(-s.detach().numpy())[1]).long()
+    p_soft = log_sinkhorn_ref(s / t, iters).exp()
+    p_hard = torch.zeros(512, 512, dtype=torch.float64)
+    p_hard[torch.arange(512), perm] = 1
+    c = (p_hard + (p_soft - p_soft.detach()))[:n] @ codebook(torch.float64)
+    assign = (w.detach().reshape(-1, 9) @ c.detach().t()).argmax(1)
+    clip = w.clamp(-1, 1)
+    b = c[assign].reshape(w.shape) + (clip - clip.detach())
+    alpha = w.detach().abs().mean(dim=(1, 2, 3), keepdim=True)
+    wb = alpha * b
+    loss = (wb * r32.double()).sum()
+    loss.backward()
+    eval_perm = torch.from_numpy(linear_sum_assignment(-x32.double().numpy())[1]).long()
+    shape_txt = str(tuple(shape))
+    return {
+        "config": {"source": "SPEC-REFERENCE (test-generated)", "N": 512, "n": n, "bits_per_kernel": n.bit_length() - 1,
+                   "temperature": t, "sinkhorn_iters": iters, "noise_factor": gamma, "seed": seed,
+                   "dtype": "float64 compute; X,G,W,R drawn in float32 then cast",
+                   "draw_order": f"g=torch.Generator().manual_seed(seed); X=randn(512,512)*1; G=gumbel(512,512) "
+                                 f"via u=rand; W=randn({shape_txt})*0.6; R=randn({shape_txt})",
+                   "loss": "sum(W_binary_scaled * R)"},
+        "inputs": {"X": x32, "gumbel_noise": g32, "weight": w32, "upstream_grad": r32},
+        "outputs": {"perm": perm, "selected_codeword_idx": perm[:n], "sub_codebook": c.detach(),
+                    "P_soft": p_soft.detach().float(), "assign_idx": assign, "alpha": alpha.flatten(),
+                    "weight_binary_scaled": wb.detach(), "loss": loss.item(), "grad_X": x.grad,
+                    "grad_weight": w.grad, "perm_eval_no_noise": eval_perm,
+                    "selected_codeword_idx_eval": eval_perm[:n]},
+    }
+
+
+def log_sinkhorn_ref(z: torch.Tensor, iters: int) -> torch.Tensor:
+    for _ in range(iters):
+        z = z - torch.logsumexp(z, dim=1, keepdim=True)
+        z = z - torch.logsumexp(z, dim=0, keepdim=True)
+    return z
+
+
+@pytest.mark.golden
+def test_golden_harness_passes_a_new_pste_fixture_and_fails_a_tampered_one(tmp_path: Path) -> None:
+    """Other n, t, L, gamma, seed and shapes: the harness honours them without code changes."""
+    fixture = _reference_pste_fixture(n=8, t=0.8, iters=7, gamma=0.6, seed=5, shape=(6, 4, 3, 3))
+    path = tmp_path / "sparks_new.pt"
+    torch.save(fixture, path)
+    data = torch.load(path, weights_only=True)
+    assert run_sparks_pste("new.pt:<root>", data, None) == 12
+    data["config"]["temperature"] = 0.9  # a recorded value the outputs do not match
+    with pytest.raises(AssertionError, match="grad_X|P_soft"):
+        run_sparks_pste("new.pt:<root>", data, None)
+    data["config"]["temperature"], data["config"]["seed"] = 0.8, 6
+    with pytest.raises(AssertionError, match="seed"):
+        run_sparks_pste("new.pt:<root>", data, None)
