@@ -16,8 +16,9 @@ from torch.utils.data import Dataset
 
 from common.checkpoint import load_checkpoint
 from common.config import OptimConfig, ScheduleConfig, TrainerConfig
-from common.engine import Classifier, Trainer
+from common.engine import Trainer
 from common.errors import UserError
+from common.tasks import ClassificationTask, Classifier
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,7 +49,9 @@ def _trainer(run_dir: Path, workers: int = 0, **over) -> Trainer:
                                   ema_decay=0.9, clip_grad=1.0, seed=3), **over})
     optim = OptimConfig(name="sgd", lr=0.05, weight_decay=1e-4)
     sched = ScheduleConfig(name="cosine", warmup_epochs=1, warmup_lr=1e-3)
-    return Trainer(Classifier(_net(), label_smoothing=0.1), NoisyBlobs(), NoisyBlobs(24), cfg, optim, sched, run_dir)
+    net = _net()
+    return Trainer(Classifier(net, label_smoothing=0.1), NoisyBlobs(), NoisyBlobs(24), cfg, optim, sched, run_dir,
+                   task=ClassificationTask(), model=net)
 
 
 def _assert_same(a: Trainer, b: Trainer) -> None:
@@ -108,7 +111,7 @@ def test_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
         net = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
         cfg = TrainerConfig(epochs=1, global_batch=16, max_device_batch=max_dev, workers=0, seed=1, log_every=100)
         t = Trainer(Classifier(net), NoisyBlobs(32), None, cfg, OptimConfig(lr=0.1), ScheduleConfig(name="constant"),
-                    tmp_path / f"acc{max_dev}")
+                    tmp_path / f"acc{max_dev}", task=ClassificationTask())
         t.fit()
         return net
 
@@ -132,7 +135,7 @@ def test_warmup_then_cosine_schedule(tmp_path: Path) -> None:
 def test_too_small_dataset_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="fewer than one global batch"):
         Trainer(Classifier(_net()), NoisyBlobs(8), None, TrainerConfig(global_batch=16), OptimConfig(),
-                ScheduleConfig(), tmp_path)
+                ScheduleConfig(), tmp_path, task=ClassificationTask())
 
 
 def test_sigterm_saves_then_resume_finishes(tmp_path: Path) -> None:
