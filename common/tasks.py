@@ -124,8 +124,8 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, amp_dtype: torc
     model.train(was_training)
     top1, top5, loss, count = all_reduce_sum(sums).tolist()
     if count == 0:
-        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan")}
-    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss / count}
+        return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan")}
+    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
 
 
 class ClassificationTask:

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 from common.checkpoint import atomic_save
 from common.config import hydra_main
 from common.dist import cleanup, init_distributed
-from common.engine import eval_loader, evaluate
+from common.engine import eval_loader
+from common.tasks import evaluate
 from common.errors import UserError
 
 from .convert import load_student, load_teacher
