@@ -655,7 +655,8 @@ class Trainer:
 
     def _finish(self, last: Mapping[str, float], complete: bool) -> dict[str, float]:
         out = self._selected_metrics(last)
-        out.update({f"best_{k}": v for k, v in self.best.items() if k in out})
+        if self.cfg.selection == Selection.last:  # the best epoch beside the last one (selected weights: itself)
+            out.update({f"best_{k}": v for k, v in self.best.items() if k in out})
         out["steps"] = float(self.global_step)
         extra: dict[str, Any] = dict(self.record_extra)
         if self.best_epoch is not None:

@@ -165,15 +165,15 @@ class ClassificationTask:
 # Regression (pose lifting and the like)
 # --------------------------------------------------------------------------------------------------
 
-Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, float]]
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], dict[str, float]]
 
 
 class RegressionTask:
     """Inputs and target tensors; the method's `forward_train` gives the losses (e.g. an L2 on joints).
 
     Evaluation predicts the whole loader, gathers predictions, targets and sample indices from every
-    rank, and hands them to `score(pred, target, index) -> metrics` (the index lets a paper look up
-    per-sample labels such as the action, for action-wise means). The primary metric is an error by
+    rank, and hands them to `score(pred, target, index, dataset) -> metrics`, in dataset order (the
+    index lets a paper look up per-sample labels such as the action, for action-wise means). The primary metric is an error by
     default (lower is better).
     """
 
@@ -211,4 +211,4 @@ class RegressionTask:
         if index.numel() == 0:
             return {}
         order = index.argsort()
-        return self.score(pred[order], target[order], index[order])
+        return self.score(pred[order], target[order], index[order], loader.dataset)

@@ -41,7 +41,7 @@ SMOKE_MODELS = (
 
 
 def train_one(overrides: list[str], output_dir: Path, name: str, seed: int) -> tuple[dict[str, float], float]:
-    cfg = compose(CONFIG_DIR, overrides + [f"name={name}", f"train.seed={seed}", "train.resume=none",
+    cfg = compose(CONFIG_DIR, overrides + [f"name={name}", f"trainer.seed={seed}", "trainer.resume=none",
                                            f"output_dir={output_dir}"])
     out = output_dir / PAPER / name / f"{time.strftime('%Y%m%d-%H%M%S')}-s{seed}"
     t0 = time.time()
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="Human3.6M folder (official layout or VideoPose3D npz); $GRIDCONV_H36M_ROOT")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"))
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. train.epochs=1")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.epochs=1")
     args = parser.parse_args(argv)
     for item in list(args.overrides):  # `make reproduce-gridconv ARGS="data.root=/data/h36m"` works too
         if item.startswith("data.root="):
