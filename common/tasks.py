@@ -173,8 +173,8 @@ class RegressionTask:
 
     Evaluation predicts the whole loader, gathers predictions, targets and sample indices from every
     rank, and hands them to `score(pred, target, index, dataset) -> metrics`, in dataset order (the
-    index lets a paper look up per-sample labels such as the action, for action-wise means). The primary metric is an error by
-    default (lower is better).
+    index lets a paper look up per-sample labels such as the action, for action-wise means). The
+    primary metric is an error by default (lower is better).
     """
 
     def __init__(self, score: Scorer, primary: str = "mpjpe", higher_is_better: bool = False) -> None:

@@ -21,9 +21,9 @@ from common.checkpoint import load_foreign_state_dict
 from common.config import TrainerConfig, hydra_main, save_resolved, validate
 from common.dist import cleanup, init_distributed
 from common.engine import eval_loader, resolve_amp, resolve_channels_last
-from common.tasks import evaluate
 from common.errors import UserError
 from common.report import write_result
+from common.tasks import evaluate
 from kernelwarehouse.convert import load_official
 from kernelwarehouse.train import (
     CONFIG_DIR,

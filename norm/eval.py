@@ -18,8 +18,8 @@ from common.checkpoint import atomic_save
 from common.config import hydra_main
 from common.dist import cleanup, init_distributed
 from common.engine import eval_loader
-from common.tasks import evaluate
 from common.errors import UserError
+from common.tasks import evaluate
 
 from .convert import load_student, load_teacher
 from .models import create_model, is_foldable
