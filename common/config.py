@@ -1,14 +1,25 @@
-"""Hydra glue: typed validation with one-line errors, the run directory, the saved resolved config.
+"""Hydra glue: the shared structured configs, one-line errors, the run directory, the saved config.
 
-Each paper's `configs/train.yaml` composes groups (model/, data/, method/, optim/, schedule/,
-profile/) and one `experiment/<row>.yaml` per table row. Its entry point is
+The trainer, optimizer, schedule and logger schemas below are registered once in Hydra's ConfigStore
+(`osvai_base`), which is on every config search path. A paper's `configs/train.yaml` starts with it and
+then lists only its own groups:
+
+    defaults:
+      - osvai_base        # trainer / optim / schedule / logger, typed (common.config)
+      - _self_
+      - model: ...        # the paper's own groups
+      - optim: sgd        # files in the paper's optim/ and schedule/ groups fill the shared schemas
+
+so a wrong key (`trainer.epochz=3`) or a wrong type or choice (`trainer.amp=fp8`) fails while Hydra
+composes, and value ranges are checked right after (`check_schemas`): either way one line naming the
+key. Each entry point is
 
     @hydra_main(CONFIG_DIR)
     def main(cfg: DictConfig) -> None: ...
 
-which runs under `@hydra.main` (overrides, `--cfg job`, `-m` sweeps all work) and turns a
-`UserError` into one line on stderr. `validate(cfg.trainer, TrainerConfig)` checks a group against a
-dataclass schema: an unknown key or a value of the wrong type names the key in one line.
+which runs under `@hydra.main` (overrides, `--cfg job`, `-m` sweeps all work) and turns a `UserError`
+into one line on stderr. `validate(cfg.model, ModelConfig, "model.")` checks a paper's own group
+against its dataclass the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +43,58 @@ T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------------
-# Schemas shared by the classification-style papers (a paper adds its own `method` schema)
+# Choices
+# --------------------------------------------------------------------------------------------------
+
+
+class Device(StrEnum):
+    auto = "auto"  # cuda if visible, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Amp(StrEnum):
+    auto = "auto"  # bf16 on GPU (fp16 + scaler where bf16 is missing), off on CPU
+    bf16 = "bf16"
+    fp16 = "fp16"
+    off = "off"
+
+
+class Switch(StrEnum):
+    auto = "auto"  # on for GPU, off on CPU
+    on = "on"
+    off = "off"
+
+
+class Selection(StrEnum):
+    """Which weights the final metrics belong to (`result.json`'s `selection`)."""
+
+    last = "last"  # the last epoch
+    best_heldout = "best_heldout"  # the best epoch on a held-out split of the training data
+    best_test = "best_test"  # the best epoch on the evaluation set itself (the official practice of some papers)
+
+
+class LrScaling(StrEnum):
+    linear = "linear"
+    sqrt = "sqrt"
+    none = "none"
+
+
+class ScheduleName(StrEnum):
+    cosine = "cosine"
+    step = "step"
+    multistep = "multistep"
+    constant = "constant"
+
+
+class WandbMode(StrEnum):
+    disabled = "disabled"
+    offline = "offline"
+    online = "online"
+
+
+# --------------------------------------------------------------------------------------------------
+# Schemas shared by every paper (a paper adds its own model / data / method schemas)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -40,7 +103,7 @@ class OptimConfig:
     name: str = "sgd"  # any timm optimizer name: sgd, momentum, adamw, adam, lamb ...
     lr: float = 0.1  # the lr at `base_batch`; scaled to the global batch by `lr_scaling`
     base_batch: int | None = None  # None: lr is used as given
-    lr_scaling: str = "linear"  # linear | sqrt | none
+    lr_scaling: LrScaling = LrScaling.linear
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
@@ -48,18 +111,28 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
 
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise UserError(f"config optim.lr={self.lr}, optim.weight_decay={self.weight_decay}: the lr must be "
+                            "positive and the weight decay not negative")
+
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # cosine | step | multistep | constant
+    name: ScheduleName = ScheduleName.cosine
     warmup_epochs: float = 0.0
     warmup_lr: float = 1e-6
     min_lr: float = 0.0
     decay_epochs: float = 30.0  # step
-    milestones: list[int] = field(default_factory=list)  # multistep
+    milestones: list[int] = field(default_factory=list)  # multistep: the lr drops at the start of these epochs
     decay_rate: float = 0.1
     per_step: bool = True  # update the lr every optimizer step (else at epoch boundaries)
     warmup_prefix: bool = False  # False (timm/DeiT): the decay curve counts the warmup epochs; True: starts after
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs < 0 or self.decay_epochs <= 0:
+            raise UserError(f"config schedule.warmup_epochs={self.warmup_epochs}, schedule.decay_epochs="
+                            f"{self.decay_epochs}: warmup must not be negative, decay_epochs must be positive")
 
 
 @dataclass
@@ -67,19 +140,23 @@ class TrainerConfig:
     epochs: int = 100
     global_batch: int = 256
     max_device_batch: int | None = None  # cap per device; the rest is gradient accumulation
+    eval_batch: int | None = None  # per-device evaluation batch (None: the training per-device batch)
     workers: int = 4
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
-    channels_last: str = "auto"  # auto (on GPU) | on | off
+    device: Device = Device.auto
+    amp: Amp = Amp.auto
+    channels_last: Switch = Switch.auto
+    deterministic: bool = False  # torch.use_deterministic_algorithms
     clip_grad: float | None = None
     ema_decay: float | None = None
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    label_smoothing: float = 0.0  # classification tasks
+    mixup: float = 0.0  # classification tasks
+    cutmix: float = 0.0  # classification tasks
+    precise_bn_batches: int = 0  # before each evaluation, recompute BatchNorm statistics from N batches (0: off)
     log_every: int = 50
     ckpt_every_steps: int = 0  # 0: only at epoch ends (and on SIGTERM)
     eval_every: int = 1  # epochs
-    max_steps: int | None = None  # stop after this many optimizer steps (tests, quick looks)
+    max_steps: int | None = None  # stop after this many optimizer steps (tests, quick looks): not complete
+    selection: Selection = Selection.last
     seed: int = 0
     resume: str = "auto"  # auto | none | <path to last.pt>
     compile: bool = False
@@ -89,18 +166,40 @@ class TrainerConfig:
         for key in ("epochs", "global_batch", "log_every", "eval_every"):
             if getattr(self, key) < 1:
                 raise UserError(f"config trainer.{key}={getattr(self, key)}: must be at least 1")
-        for key in ("max_device_batch", "max_steps"):
+        for key in ("max_device_batch", "max_steps", "eval_batch"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise UserError(f"config trainer.{key}={value}: must be at least 1 (or null)")
-        if self.workers < 0 or self.ckpt_every_steps < 0:
-            raise UserError("config trainer.workers and trainer.ckpt_every_steps must not be negative")
+        for key in ("workers", "ckpt_every_steps", "precise_bn_batches"):
+            if getattr(self, key) < 0:
+                raise UserError(f"config trainer.{key}={getattr(self, key)}: must not be negative")
 
 
 @dataclass
 class LoggerConfig:
-    wandb_mode: str = "disabled"  # disabled | offline | online
+    wandb_mode: WandbMode = WandbMode.disabled
     project: str = "osvai-repro"
+
+
+SHARED_SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
+                                   "logger": LoggerConfig}
+
+
+def _register() -> None:
+    """Put the shared schemas in Hydra's ConfigStore as `osvai_base` (on every config search path)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="osvai_base", node={k: v for k, v in SHARED_SCHEMAS.items()})
+
+
+_register()
+
+
+def check_schemas(cfg: DictConfig) -> None:
+    """Build the shared groups present in `cfg` once, so value ranges fail at start-up in one line."""
+    for key, schema in SHARED_SCHEMAS.items():
+        if key in cfg:
+            validate(cfg[key], schema, f"{key}.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,10 +219,15 @@ def validate(cfg: Any, schema: type[T], prefix: str = "") -> T:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or ""
-        msg = str(err).splitlines()[0]
-        raise UserError(f"config {prefix}{key}: {msg}" if key else f"config {prefix.rstrip('.')}: {msg}") from None
+        raise UserError(_one_line(err, prefix)) from None
     return obj  # type: ignore[return-value]
+
+
+def _one_line(err: OmegaConfBaseException, prefix: str = "") -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    return f"config {prefix}{key}: {msg}" if key else f"config {prefix.rstrip('.')}: {msg}".replace("config : ",
+                                                                                                   "config: ")
 
 
 def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
@@ -139,9 +243,21 @@ def compose(config_dir: str | os.PathLike, overrides: Sequence[str] = (), config
 
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
-            return hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(f"config: {str(err).splitlines()[0]}") from None
+        raise UserError(_root_message(err)) from None
+    check_schemas(cfg)
+    return cfg
+
+
+def _root_message(err: BaseException) -> str:
+    """Hydra wraps the OmegaConf error that names the key; show that one line."""
+    inner = err
+    while inner.__cause__ is not None and not isinstance(inner, OmegaConfBaseException):
+        inner = inner.__cause__
+    if isinstance(inner, OmegaConfBaseException) and getattr(inner, "full_key", None):
+        return f"config {inner.full_key}: {str(inner).splitlines()[0]}"
+    return f"config: {str(err).splitlines()[0]}"
 
 
 def run_dir(cfg: DictConfig, paper: str, experiment: str) -> Path:
@@ -177,10 +293,21 @@ def hydra_main(config_dir: str | os.PathLike, config_name: str = "train") -> Cal
     import hydra
 
     def decorate(task: Task) -> Callable[[], Any]:
-        guarded = cli_guard(task)
+        def checked(cfg: DictConfig) -> Any:
+            check_schemas(cfg)
+            return task(cfg)
+
+        guarded = cli_guard(checked)
 
         @functools.wraps(task)
         def entry() -> Any:
+            import sys
+
+            argv = sys.argv[1:]
+            if not any(a in ("-m", "--multirun") or a.startswith("--cfg") for a in argv):
+                # Hydra reports its own composition errors over several lines: compose once here first,
+                # so a wrong key or value is the usual one line (exit 2).
+                cli_guard(compose)(config_dir, [a for a in argv if not a.startswith("-")], config_name)
             return hydra.main(version_base=None, config_path=str(Path(config_dir).resolve()),
                               config_name=config_name)(guarded)()
 

@@ -1,18 +1,23 @@
-"""The small shared classification loop.
+"""The one training loop every paper runs on.
 
-`Trainer` trains any *method*: an `nn.Module` with
-`forward_train(images, targets) -> (logits, {"loss_name": tensor, ...})`. The losses are summed as
-given (the method weights them). Optional hooks on the method:
+    Trainer(method, train_set, val_set, trainer_cfg, optim_cfg, schedule_cfg, run_dir, env,
+            task=ClassificationTask(), model=net, hooks=[...], run_info=RunInfo(...)).fit()
 
-* `on_epoch_start(epoch, num_epochs)` and `on_step_start(step, total_steps)`: schedules that are
-  part of the method (a temperature, an epoch-dependent loss weight);
-* `extra_state()` / `load_extra_state(state)`: state outside `state_dict()` that changes the maths;
-* `eval_model()`: the network to evaluate (a distiller returns its student).
+* `method`: the trained `nn.Module`; the *task* (`common.tasks`) turns a batch into its named losses
+  (through `method.forward_train`) and a loader into metrics. The losses are summed as given.
+* `model`: the network that is evaluated, averaged (EMA) and saved as `best.pt` (default: `method`;
+  a distiller passes its student, a classifier wrapper its network).
+* `hooks`: `Hook` objects, the explicit callbacks of a method's own schedules (a temperature per
+  step, a loss weight per epoch), extra values to log, and additions to the final record.
+* `val_set`: the set the paper reports; `heldout_set` (optional): a split of the training data that
+  selects the best epoch without looking at the reported set (`trainer.selection`).
 
-The loop gives AMP (bf16, or fp16 with a scaler), channels_last, gradient accumulation (global
-batch -> per-device batch), DDP, gradient clipping, EMA, timm optimizers and per-step timm LR
-schedules with warmup, atomic checkpoints with exact resume (model, optimizer, scheduler, scaler,
-EMA, RNG states, epoch, step and sampler position), and a save-and-exit on SIGTERM.
+The loop gives AMP (bf16, or fp16 with a scaler), channels_last, gradient accumulation (global batch
+-> per-device batch), DDP, gradient clipping, EMA, timm optimizers and per-step timm LR schedules with
+warmup, loss meters kept on the device and synced only when logged, "precise BN" before evaluations
+(`trainer.precise_bn_batches`), atomic checkpoints with exact resume (model, optimizer, scheduler,
+scaler, EMA, RNG states, epoch, step and sampler position), a save-and-exit with code 143 on SIGTERM
+agreed by every rank, and the run's `result.json` (`common.results.ResultRecord`).
 """
 
 from __future__ import annotations
@@ -20,14 +25,13 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
@@ -40,51 +44,86 @@ from common.checkpoint import (
     load_checkpoint,
     restore_rng_state,
 )
-from common.config import LoggerConfig, OptimConfig, ScheduleConfig, TrainerConfig, check_choice
-from common.dist import DistEnv, ResumableSampler, batch_plan, reduce_metrics, scale_lr
+from common.config import LoggerConfig, OptimConfig, ScheduleConfig, Selection, TrainerConfig
+from common.dist import DistEnv, ResumableSampler, all_reduce_mean, batch_plan, scale_lr
 from common.errors import UserError
 from common.logging import RunLogger, progress
-from common.metrics import topk_accuracy
+from common.results import ResultRecord, write_record
+from common.tasks import EvalContext, Losses, Task, autocast, to_device
 
-Losses = dict[str, torch.Tensor]
+__all__ = ["EpochSeeded", "Hook", "Progress", "RunInfo", "Trainer", "autocast", "build_optimizer",
+           "build_scheduler", "eval_loader", "precise_bn", "resolve_amp", "resolve_channels_last",
+           "seed_everything"]
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
 
-class Classifier(nn.Module):
-    """Plain supervised training of a network with cross-entropy (the baseline "method")."""
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands when a hook is called."""
 
-    def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        self.model = model
-        self.label_smoothing = label_smoothing
+    epoch: int
+    epochs: int
+    step: int  # optimizer steps done so far (the global step about to run)
+    step_in_epoch: int
+    steps_per_epoch: int
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
 
-    def forward_train(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Losses]:
-        logits = self.model(images)
-        # Soft targets (mixup/cutmix) already carry the smoothing.
-        smoothing = 0.0 if targets.dtype.is_floating_point else self.label_smoothing
-        return logits, {"loss_ce": F.cross_entropy(logits, targets, label_smoothing=smoothing)}
 
-    def eval_model(self) -> nn.Module:
-        return self.model
+class Hook:
+    """Explicit callbacks of a method (subclass and override what you need; the defaults do nothing).
+
+    State a hook sets that changes the maths must live in the model (a buffer, or
+    `get_extra_state`/`set_extra_state`) or be recomputed from `Progress`, so that a resumed run
+    continues exactly.
+    """
+
+    def on_epoch_start(self, progress: Progress) -> None:
+        """Before the first step of every epoch (also of a resumed, partly done one)."""
+
+    def on_step_start(self, progress: Progress) -> None:
+        """Before every optimizer step (its first micro-batch)."""
+
+    def log_values(self) -> dict[str, float]:
+        """Extra values logged with the training losses and with every evaluation (a temperature)."""
+        return {}
+
+    def on_fit_end(self, metrics: dict[str, float], extra: dict[str, Any]) -> None:
+        """After training, before `result.json` is written: add final metrics or record extras in place."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the result record says about the run besides its metrics."""
+
+    paper: str
+    experiment: str
+    row: str | None
+    dataset: str
+    synthetic: bool
+    profile: str
 
 
 class _TrainStep(nn.Module):
-    """Routes DDP's forward to the method's `forward_train`."""
+    """Routes DDP's forward to the task's loss computation."""
 
-    def __init__(self, method: nn.Module) -> None:
+    def __init__(self, method: nn.Module, task: Task) -> None:
         super().__init__()
         self.method = method
+        self.task = task
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Losses]:
-        return self.method.forward_train(images, targets)
+    def forward(self, batch: Any) -> Losses:
+        return self.task.losses(self.method, batch)
 
 
 class EpochSeeded(Dataset):
@@ -95,10 +134,10 @@ class EpochSeeded(Dataset):
     (workers=0) the global RNG, which the checkpoint restores, drives augmentation instead.
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, epoch: int = 0) -> None:
         self.dataset = dataset
         self.seed = seed
-        self.epoch = 0
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -113,7 +152,7 @@ class EpochSeeded(Dataset):
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    check_choice("trainer.amp", amp, ("auto", "bf16", "fp16", "off"))
+    """`trainer.amp` -> the autocast dtype (None: full precision)."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "fp16":
@@ -124,70 +163,21 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def resolve_channels_last(flag: str, device: torch.device) -> bool:
-    check_choice("trainer.channels_last", flag, ("auto", "on", "off"))
     return flag == "on" or (flag == "auto" and device.type == "cuda")
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _to_device(x: Any, device: torch.device, channels_last: bool) -> Any:
-    if isinstance(x, torch.Tensor):
-        x = x.to(device, non_blocking=True)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_device(v, device, channels_last) for v in x)
-    if isinstance(x, Mapping):
-        return {k: _to_device(v, device, channels_last) for k, v in x.items()}
-    return x
-
-
-def eval_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int = 2,
-                collate_fn: Callable | None = None) -> DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int = 2) -> DataLoader:
     """A loader that shows every sample exactly once over all ranks."""
     sampler = ResumableSampler(len(dataset), env.rank, env.world_size, shuffle=False, pad=False)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=env.device.type == "cuda", collate_fn=collate_fn)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False, show_progress: bool = False) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole (sharded) set."""
-    was_training = model.training
-    model.eval()
-    sums = {"top1": 0.0, "top5": 0.0, "loss": 0.0}
-    count = 0
-    for images, targets in progress(loader, total=len(loader), desc="eval", enabled=show_progress and env.is_main):
-        images = _to_device(images, env.device, channels_last)
-        targets = targets.to(env.device, non_blocking=True)
-        with autocast(env.device, amp_dtype):
-            logits = model(images)
-        logits = logits.float()
-        n = targets.shape[0]
-        k = min(5, logits.shape[1])
-        top1, topk = topk_accuracy(logits, targets, ks=(1, k))
-        sums["top1"] += float(top1) * n / 100.0
-        sums["top5"] += float(topk) * n / 100.0
-        sums["loss"] += F.cross_entropy(logits, targets, reduction="sum").item()
-        count += n
-    model.train(was_training)
-    out = reduce_metrics(sums, count, env.device)
-    out["top1"] *= 100.0
-    out["top5"] *= 100.0
-    return out
+                      pin_memory=env.device.type == "cuda")
 
 
 def build_optimizer(params_or_model: Any, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
     """A timm optimizer with the paper's lr scaled to the global batch."""
     from timm.optim import create_optimizer_v2
 
-    lr = scale_lr(cfg.lr, global_batch, cfg.base_batch, cfg.lr_scaling)
+    lr = scale_lr(cfg.lr, global_batch, cfg.base_batch, str(cfg.lr_scaling))
     kwargs: dict[str, Any] = {}
     name = cfg.name.lower()
     if name in ("sgd", "momentum", "nesterov"):
@@ -207,20 +197,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epoch
     """A timm LR scheduler driven per optimizer step (or per epoch), with warmup; None for constant."""
     from timm.scheduler import create_scheduler_v2
 
-    check_choice("schedule.name", cfg.name, ("cosine", "step", "multistep", "constant"))
+    name = str(cfg.name)
     # Milestones mean what torch's MultiStepLR means: the lr drops at the start of epoch m. timm drops
     # when t + 1 >= milestone, one unit early, so each milestone is moved half a unit later.
     half = 0.5 if not cfg.per_step else 0.5 / max(steps_per_epoch, 1)
     milestones = [m + half for m in cfg.milestones] or [30 + half, 60 + half]
-    if cfg.name == "constant" and cfg.warmup_epochs == 0:
+    if name == "constant" and cfg.warmup_epochs == 0:
         return None
     sched, _ = create_scheduler_v2(
         optimizer,
-        sched="step" if cfg.name == "constant" else cfg.name,
+        sched="step" if name == "constant" else name,
         num_epochs=epochs,
-        decay_epochs=cfg.decay_epochs if cfg.name != "constant" else 10**9,
+        decay_epochs=cfg.decay_epochs if name != "constant" else 10**9,
         decay_milestones=milestones,
-        decay_rate=cfg.decay_rate if cfg.name != "constant" else 1.0,
+        decay_rate=cfg.decay_rate if name != "constant" else 1.0,
         min_lr=cfg.min_lr,
         warmup_lr=cfg.warmup_lr,
         warmup_epochs=cfg.warmup_epochs,
@@ -232,9 +222,42 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epoch
     return sched
 
 
-def _eval_model(method: nn.Module) -> nn.Module:
-    fn = getattr(method, "eval_model", None)
-    return fn() if callable(fn) else method
+@torch.no_grad()
+def precise_bn(model: nn.Module, batches: Iterator[Any], num_batches: int, env: DistEnv,
+               amp_dtype: torch.dtype | None = None) -> int:
+    """Recompute every BatchNorm's running statistics at the model's current state ("precise BN").
+
+    The statistics are reset and re-estimated from `num_batches` batches of model inputs as an exact
+    cumulative average (momentum None), in train mode, then averaged over ranks. Returns the number of
+    batches used. Running statistics lag behind weights (or a temperature) that move every step; this
+    removes the lag before an evaluation.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or num_batches <= 0:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    used = 0
+    try:
+        for inputs in batches:
+            if used >= num_batches:
+                break
+            with autocast(env.device, amp_dtype):
+                model(inputs)
+            used += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    if env.distributed:
+        for m in norms:
+            m.running_mean.copy_(all_reduce_mean(m.running_mean))
+            m.running_var.copy_(all_reduce_mean(m.running_var))
+    return used
 
 
 class Trainer:
@@ -250,27 +273,39 @@ class Trainer:
         schedule: ScheduleConfig,
         run_dir: str | Path,
         env: DistEnv | None = None,
+        *,
+        task: Task,
+        model: nn.Module | None = None,
+        heldout_set: Dataset | None = None,
+        hooks: Sequence[Hook] = (),
+        params: Any = None,
         logger: RunLogger | None = None,
         logger_cfg: LoggerConfig | None = None,
-        params: Any = None,
-        collate_fn: Callable | None = None,
-        evaluate_fn: Callable[[nn.Module, DataLoader], dict[str, float]] | None = None,
-        num_classes: int | None = None,
         config_dict: Mapping[str, Any] | None = None,
-        primary_metric: str = "top1",
-        primary_higher_is_better: bool = True,
+        run_info: RunInfo | None = None,
+        checkpoint_meta: Mapping[str, Any] | None = None,
     ) -> None:
         self.cfg = trainer
         self.env = env or DistEnv()
         self.run_dir = Path(run_dir)
         self.method = method.to(self.env.device)
+        self.model = model if model is not None else self.method
+        self.task = task
+        self.hooks = list(hooks)
         self.train_set = train_set
         self.val_set = val_set
-        self.collate_fn = collate_fn
-        self.primary = primary_metric
-        self.primary_higher = primary_higher_is_better
+        self.heldout_set = heldout_set
+        self.run_info = run_info
+        self.checkpoint_meta = dict(checkpoint_meta or {})
+        self.record_extra: dict[str, Any] = {}  # anything the paper adds to result.json's `extra`
+        if trainer.selection == Selection.best_heldout and heldout_set is None:
+            raise UserError("trainer.selection=best_heldout needs a held-out split of the training data "
+                            "(or use trainer.selection=last)")
+        # best.pt follows the held-out split when there is one, unless the run selects on the test set
+        on_heldout = heldout_set is not None and trainer.selection != Selection.best_test
+        self.select_key = f"heldout/{task.primary}" if on_heldout else task.primary
         lcfg = logger_cfg or LoggerConfig()
-        self.logger = logger or RunLogger(self.run_dir, config_dict, self.env.is_main, lcfg.wandb_mode,
+        self.logger = logger or RunLogger(self.run_dir, config_dict, self.env.is_main, str(lcfg.wandb_mode),
                                           lcfg.project, name=self.run_dir.name)
         self.amp_dtype = resolve_amp(trainer.amp, self.env.device)
         self.channels_last = resolve_channels_last(trainer.channels_last, self.env.device)
@@ -297,22 +332,9 @@ class Trainer:
         if trainer.ema_decay:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(_eval_model(self.method), decay=trainer.ema_decay)
-        self.mixup = None
-        if trainer.mixup > 0 or trainer.cutmix > 0:
-            if num_classes is None:
-                raise UserError("mixup/cutmix need the number of classes; set data.num_classes")
-            from timm.data import Mixup
+            self.ema = ModelEmaV3(self.model, decay=trainer.ema_decay)
 
-            if self.plan.per_device % 2:
-                raise UserError(f"mixup/cutmix need an even per-device batch, got {self.plan.per_device}; "
-                                "change trainer.global_batch or trainer.max_device_batch")
-
-            self.mixup = Mixup(mixup_alpha=trainer.mixup, cutmix_alpha=trainer.cutmix,
-                               label_smoothing=trainer.label_smoothing, num_classes=num_classes)
-        self.evaluate_fn = evaluate_fn
-
-        self.step_module: nn.Module = _TrainStep(self.method)
+        self.step_module: nn.Module = _TrainStep(self.method, task)
         if self.env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -326,12 +348,15 @@ class Trainer:
         self.micro = 0  # micro-batches done in the current epoch (a multiple of accum at save points)
         self.global_step = 0
         self.best: dict[str, float] = {}
+        self.best_epoch: int | None = None
         self.history: list[dict[str, float]] = []
+        self._meters: dict[str, torch.Tensor] = {}  # summed losses since the last log, on the device
+        self._meter_steps = 0
 
     # ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        extra = getattr(self.method, "extra_state", None)
         return {
+            **self.checkpoint_meta,
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -342,9 +367,9 @@ class Trainer:
             "step_in_epoch": self.micro // self.plan.accum_steps,
             "global_step": self.global_step,
             "best": dict(self.best),
+            "best_epoch": self.best_epoch,
             "history": list(self.history),
-            "extra": extra() if callable(extra) else None,
-            "trainer": asdict(self.cfg),
+            "trainer": {"global_batch": self.cfg.global_batch, "seed": self.cfg.seed, "epochs": self.cfg.epochs},
         }
 
     def _gather_rng(self) -> Any:
@@ -358,9 +383,11 @@ class Trainer:
         return states
 
     def _check_compatible(self, state: Mapping[str, Any], path: Path) -> None:
-        """A checkpoint continues only the same recipe: refuse one from another global batch, length or seed."""
+        """A checkpoint continues only the same recipe: refuse one from another global batch or seed.
+
+        (`epochs` may change: a run can be extended or cut.)"""
         saved = state.get("trainer") or {}
-        for key in ("global_batch", "epochs", "seed"):
+        for key in ("global_batch", "seed"):
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise UserError(f"{path} was written with trainer.{key}={saved[key]}, this run has "
                                 f"{getattr(self.cfg, key)}; resume with the same value or set trainer.resume=none")
@@ -373,9 +400,6 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        load_extra = getattr(self.method, "load_extra_state", None)
-        if callable(load_extra) and state.get("extra") is not None:
-            load_extra(state["extra"])
         rng = state["rng"]
         if isinstance(rng, list):  # one state per rank
             rng = rng[self.env.rank] if len(rng) == self.env.world_size else rng[0]
@@ -386,53 +410,93 @@ class Trainer:
         self.micro = int(state["step_in_epoch"]) * self.plan.accum_steps
         self.global_step = int(state["global_step"])
         self.best = dict(state.get("best") or {})
+        self.best_epoch = state.get("best_epoch")
         self.history = list(state.get("history") or [])
 
     def save(self, name: str = "last.pt") -> None:
+        self._check_finite()
         self.checkpointer.save(self.state_dict(), name)
 
     # ----------------------------------------------------------------------------------------------
-    def _loader(self, epoch: int) -> DataLoader:
-        dataset = EpochSeeded(self.train_set, self.cfg.seed)
-        dataset.epoch = epoch
+    def _progress(self) -> Progress:
+        return Progress(self.epoch, self.cfg.epochs, self.global_step, self.micro // self.plan.accum_steps,
+                        self.steps_per_epoch)
+
+    def _loader(self, epoch: int, sampler: ResumableSampler, seed: int) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.plan.per_device, sampler=self.sampler, num_workers=self.cfg.workers,
-            pin_memory=self.env.device.type == "cuda", drop_last=True, collate_fn=self.collate_fn,
-            generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch),
-            persistent_workers=False,
+            EpochSeeded(self.train_set, seed, epoch), batch_size=self.plan.per_device, sampler=sampler,
+            num_workers=self.cfg.workers, pin_memory=self.env.device.type == "cuda", drop_last=True,
+            generator=torch.Generator().manual_seed(seed * 7919 + epoch), persistent_workers=False,
         )
 
     def _micro_batches(self, epoch: int) -> Iterator[Any]:
         self.sampler.set_position(epoch, self.micro * self.plan.per_device)
-        yield from self._loader(epoch)
+        yield from self._loader(epoch, self.sampler, self.cfg.seed)
 
-    def _hook(self, name: str, *args: Any) -> None:
-        fn = getattr(self.method, name, None)
-        if callable(fn):
-            fn(*args)
+    def _log_values(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for hook in self.hooks:
+            out.update(hook.log_values())
+        return out
+
+    def _flush_meters(self) -> dict[str, float]:
+        """The mean loss per step since the last flush: one device-to-host copy."""
+        if not self._meters:
+            return {}
+        names = list(self._meters)
+        values = torch.stack([self._meters[k] for k in names]).float().cpu().tolist()
+        steps = max(self._meter_steps, 1)
+        self._meters, self._meter_steps = {}, 0
+        out = {k: v / steps for k, v in zip(names, values)}
+        bad = [k for k, v in out.items() if not np.isfinite(v)]
+        if bad:
+            raise UserError(f"the loss {bad[0]} became {out[bad[0]]} before step {self.global_step}; "
+                            "lower optim.lr or check the data")
+        return out
+
+    def _check_finite(self) -> None:
+        """Never save weights a non-finite loss has touched (one sync, at save points only)."""
+        if self._meters and not bool(torch.isfinite(torch.stack(list(self._meters.values()))).all()):
+            self._flush_meters()  # raises, naming the loss
+
+    def _eval_batches(self) -> Iterator[Any]:
+        """Training batches (their own order and augmentation draw) as model inputs, for precise BN."""
+        sampler = ResumableSampler(len(self.train_set), self.env.rank, self.env.world_size,  # type: ignore[arg-type]
+                                   shuffle=True, seed=self.cfg.seed + 7_777_777)
+        sampler.set_position(self.epoch, 0)
+        for batch in self._loader(self.epoch, sampler, self.cfg.seed + 7_777_777):
+            yield self.task.inputs(to_device(batch, self.env.device, self.channels_last))
 
     def evaluate(self) -> dict[str, float]:
-        """Validation metrics; the training RNG streams are left exactly as they were."""
-        if self.val_set is None:
+        """Metrics on the held-out split (`heldout/...`) and on the evaluation set; the training RNG
+        streams are left exactly as they were."""
+        if self.val_set is None and self.heldout_set is None:
             return {}
-        if self.env.distributed:  # every rank scores the same model: rank 0's BN statistics
-            import torch.distributed as dist
-
-            for module in (_eval_model(self.method), self.ema.module if self.ema is not None else None):
-                for buf in module.buffers() if module is not None else ():
-                    dist.broadcast(buf, 0)
         rng = capture_rng_state()
         try:
-            return self._evaluate()
+            if self.cfg.precise_bn_batches:
+                precise_bn(self.model, self._eval_batches(), self.cfg.precise_bn_batches, self.env, self.amp_dtype)
+            if self.env.distributed:  # every rank scores the same model: rank 0's BN statistics
+                import torch.distributed as dist
+
+                for module in (self.model, self.ema.module if self.ema is not None else None):
+                    for buf in module.buffers() if module is not None else ():
+                        dist.broadcast(buf, 0)
+            metrics: dict[str, float] = {}
+            if self.heldout_set is not None:
+                metrics.update({f"heldout/{k}": v for k, v in self._score(self.heldout_set).items()})
+            if self.val_set is not None:
+                metrics.update(self._score(self.val_set))
+            return metrics
         finally:
             restore_rng_state(rng)
 
-    def _evaluate(self) -> dict[str, float]:
-        loader = eval_loader(self.val_set, self.plan.per_device, self.env, self.cfg.workers, self.collate_fn)
-        run = self.evaluate_fn or (lambda m, ld: evaluate(m, ld, self.env, self.amp_dtype, self.channels_last))
-        metrics = run(_eval_model(self.method), loader)
+    def _score(self, dataset: Dataset) -> dict[str, float]:
+        loader = eval_loader(dataset, self.cfg.eval_batch or self.plan.per_device, self.env, self.cfg.workers)
+        ctx = EvalContext(self.env, self.amp_dtype, self.channels_last)
+        metrics = self.task.evaluate(self.model, loader, ctx)
         if self.ema is not None:
-            metrics.update({f"ema_{k}": v for k, v in run(self.ema.module, loader).items()})
+            metrics.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, loader, ctx).items()})
         return metrics
 
     # ----------------------------------------------------------------------------------------------
@@ -448,15 +512,19 @@ class Trainer:
                 claim_resumed(resume.parent, self.run_dir)
             self.logger.info(f"resumed from {resume} at epoch {self.epoch}, step {self.global_step}")
         else:
-            seed_everything(cfg.seed + self.env.rank)
+            seed_everything(cfg.seed + self.env.rank, cfg.deterministic)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
         accum = self.plan.accum_steps
-        meters: dict[str, float] = {}
-        seen = steps_since_log = 0
+        micro_since_log = 0
         t_log = time.time()
         last_metrics: dict[str, float] = dict(self.history[-1]) if self.history else {}
+        last_metrics.pop("epoch", None)
+        stopped = False
         with StopSignal() as stop:
             while self.epoch < cfg.epochs:
-                self._hook("on_epoch_start", self.epoch, cfg.epochs)
+                for hook in self.hooks:
+                    hook.on_epoch_start(self._progress())
                 if self.scheduler is not None and not self.per_step_schedule:
                     self.scheduler.step(self.epoch)
                 self.method.train()
@@ -465,79 +533,85 @@ class Trainer:
                 for batch in self._micro_batches(self.epoch):
                     if self.micro // accum >= self.steps_per_epoch:
                         break
-                    first_micro = self.micro % accum == 0
-                    if first_micro:
-                        self._hook("on_step_start", self.global_step, self.total_steps)
-                    images, targets = _to_device(batch, self.env.device, self.channels_last)
-                    if self.mixup is not None:
-                        images, targets = self.mixup(images, targets)
+                    if self.micro % accum == 0:
+                        for hook in self.hooks:
+                            hook.on_step_start(self._progress())
+                    batch = to_device(batch, self.env.device, self.channels_last)
                     last_micro = (self.micro + 1) % accum == 0
                     sync = contextlib.nullcontext()
                     if self.env.distributed and not last_micro:
                         sync = self.step_module.no_sync()  # type: ignore[operator]
                     with sync:
                         with autocast(self.env.device, self.amp_dtype):
-                            _, losses = self.step_module(images, targets)
+                            losses = self.step_module(batch)
                         loss = sum(losses.values())
-                        if not torch.isfinite(loss):
-                            raise UserError(f"the loss became {loss.item()} at step {self.global_step}; "
-                                            "lower optim.lr or check the data")
-                        self.scaler.scale(loss / accum).backward()
-                    for k, v in losses.items():
-                        meters[k] = meters.get(k, 0.0) + float(v.detach()) / accum
+                        self.scaler.scale(loss / accum).backward()  # type: ignore[union-attr]
+                    for k, v in losses.items():  # summed on the device; synced only when logged
+                        v = v.detach().float() / accum
+                        self._meters[k] = self._meters[k] + v if k in self._meters else v
                     self.micro += 1
-                    seen += targets.shape[0]
+                    micro_since_log += 1
                     if not last_micro:
                         continue
                     self._optimizer_step()
+                    self._meter_steps += 1
                     next(bar, None)
-                    steps_since_log += 1
                     if self.global_step % cfg.log_every == 0 or self.global_step == self.total_steps:
                         dt = max(time.time() - t_log, 1e-9)
-                        record = {k: v / steps_since_log for k, v in meters.items()}
+                        record: dict[str, Any] = self._flush_meters()
                         record.update(epoch=self.epoch, lr=self.optimizer.param_groups[0]["lr"],
-                                      samples_per_s=seen * self.env.world_size / dt)
+                                      samples_per_s=micro_since_log * self.plan.per_device * self.env.world_size / dt,
+                                      **self._log_values())
                         self.logger.log(record, step=self.global_step)
-                        meters, seen, steps_since_log, t_log = {}, 0, 0, time.time()
+                        micro_since_log, t_log = 0, time.time()
                     if cfg.ckpt_every_steps and self.global_step % cfg.ckpt_every_steps == 0:
                         self.save()
                     if self._stop_requested(stop):
                         self.save()
-                        self.logger.info(f"signal {stop.signum}: saved {self.checkpointer.last}; "
+                        self.logger.info(f"signal {stop.signum or 'SIGTERM'}: saved {self.checkpointer.last}; "
                                          "resume with trainer.resume=auto")
+                        self.logger.close()
                         raise SystemExit(143)
                     if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+                        stopped = True
                         break
-                reached_max = cfg.max_steps is not None and self.global_step >= cfg.max_steps
                 if self.micro // accum >= self.steps_per_epoch:  # a finished epoch
                     self.epoch += 1
                     self.micro = 0
-                if reached_max or self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
-                    last_metrics = self.evaluate()
-                    is_best = self._update_best(last_metrics)
-                    self.history.append({"epoch": self.epoch, **last_metrics})
-                    self.logger.log({"epoch": self.epoch, **{f"val_{k}": v for k, v in last_metrics.items()}},
-                                    step=self.global_step)
-                    self.logger.info(f"epoch {self.epoch}/{cfg.epochs} step {self.global_step} " +
-                                     " ".join(f"{k}={v:.3f}" for k, v in last_metrics.items()))
-                    if is_best:
-                        self.checkpointer.save({"model": _eval_model(self.method).state_dict(),
-                                                "epoch": self.epoch, "metrics": last_metrics}, "best.pt")
+                if stopped or self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
+                    last_metrics = self._evaluate_and_select()
                 self.save()
-                if reached_max:
+                if stopped:
                     break
-        return self._finish(last_metrics)
+        return self._finish(last_metrics, complete=not stopped and self.global_step >= self.total_steps)
+
+    def _evaluate_and_select(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        if not metrics:
+            return metrics
+        is_best = self._update_best(metrics)
+        self.history.append({"epoch": self.epoch, **metrics})
+        logged = {f"val/{k}" if "/" not in k else k: v for k, v in metrics.items()}
+        self.logger.log({"epoch": self.epoch, **logged, **self._log_values()}, step=self.global_step)
+        self.logger.info(f"epoch {self.epoch}/{self.cfg.epochs} step {self.global_step} " +
+                         " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.count("/") <= 1))
+        if is_best:
+            self.best_epoch = self.epoch
+            self.checkpointer.save({**self.checkpoint_meta, "model": self.model.state_dict(), "epoch": self.epoch,
+                                    "metrics": metrics}, "best.pt")
+        return metrics
+
+    def _lower_is_better(self, key: str) -> bool:
+        return "loss" in key or not self.task.higher_is_better
 
     def _update_best(self, metrics: Mapping[str, float]) -> bool:
-        """Track the best value of every metric (losses and lower-is-better primaries: the minimum);
-        True when the primary metric improved."""
+        """Track the best value of every metric; True when the selecting metric improved."""
         improved = False
         for k, v in metrics.items():
-            lower = "loss" in k or (k == self.primary and not self.primary_higher)
             old = self.best.get(k)
-            if old is None or (v < old if lower else v > old):
+            if old is None or (v < old if self._lower_is_better(k) else v > old):
                 self.best[k] = v
-                improved |= k == self.primary
+                improved |= k == self.select_key
         return improved
 
     def _stop_requested(self, stop: StopSignal) -> bool:
@@ -560,16 +634,44 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         if self.ema is not None:
-            self.ema.update(_eval_model(self.method), step=self.global_step)
+            self.ema.update(self.model, step=self.global_step)
         if self.scheduler is not None and self.per_step_schedule:
             self.scheduler.step_update(num_updates=self.global_step)
 
-    def _finish(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        self.checkpointer.mark_finished()
-        self.logger.close()
-        out = dict(metrics)
-        out.update({f"best_{k}": v for k, v in self.best.items() if k in metrics})
+    # ----------------------------------------------------------------------------------------------
+    def _selected_metrics(self, last: Mapping[str, float]) -> dict[str, float]:
+        """The reported metrics under `trainer.selection`: the last evaluation, or the evaluation set
+        scored with the weights of the selected epoch (best.pt)."""
+        if self.cfg.selection == Selection.last or self.val_set is None:
+            return {k: v for k, v in last.items() if not k.startswith("heldout/")}
+        from common.dist import barrier
+
+        barrier()  # rank 0 wrote best.pt
+        best = self.run_dir / "best.pt"
+        if not best.is_file():
+            return {k: v for k, v in last.items() if not k.startswith("heldout/")}
+        self.model.load_state_dict(load_checkpoint(best)["model"])
+        return self._score(self.val_set)
+
+    def _finish(self, last: Mapping[str, float], complete: bool) -> dict[str, float]:
+        out = self._selected_metrics(last)
+        if self.cfg.selection == Selection.last:  # the best epoch beside the last one (selected weights: itself)
+            out.update({f"best_{k}": v for k, v in self.best.items() if k in out})
         out["steps"] = float(self.global_step)
-        # 0 when max_steps cut the recipe short: the report keeps such runs out of the paper table
-        out["complete"] = float(self.global_step >= self.total_steps)
+        extra: dict[str, Any] = dict(self.record_extra)
+        if self.best_epoch is not None:
+            extra["best_epoch"] = self.best_epoch
+        for hook in self.hooks:
+            hook.on_fit_end(out, extra)
+        self.checkpointer.mark_finished()
+        if self.run_info is not None and self.env.is_main:
+            info = self.run_info
+            record = ResultRecord(paper=info.paper, experiment=info.experiment, row=info.row, kind="trained",
+                                  metrics=out, dataset=info.dataset, data="synthetic" if info.synthetic else "real",
+                                  checkpoint="ours", complete=complete, selection=str(self.cfg.selection),  # type: ignore[arg-type]
+                                  profile=info.profile, seed=self.cfg.seed,  # type: ignore[arg-type]
+                                  checkpoint_path=str(self.run_dir / "last.pt"), extra=extra)
+            path = write_record(self.run_dir, record)
+            self.logger.info(f"result: {path}  " + " ".join(f"{k}={v:.3f}" for k, v in out.items() if "/" not in k))
+        self.logger.close()
         return out

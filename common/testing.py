@@ -274,3 +274,36 @@ def run_program(program: str, env: dict[str, Any]) -> dict[str, Any]:
     if "out" not in env:
         raise ValueError(f"the recorded program assigns no 'out': {program!r}")
     return env
+
+
+def sigterm_then_resume(module: str, args: list[str], run_dir: Path, resume_args: tuple[str, ...] = (),
+                        timeout: float = 600) -> tuple[str, str]:
+    """The SIGTERM contract of a train entry point, as every paper's `sigterm` test checks it.
+
+    Start `python -m <module> <args>` (its `hydra.run.dir` must be `run_dir`), send SIGTERM once it has
+    logged a step, and require exit code 143 with a `last.pt` and no `result.json`; then run it again with
+    `trainer.resume=auto` (plus `resume_args`) and require that it finishes with a `result.json`.
+    Returns the two runs' combined outputs.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "OSVAI_TRACEBACK"}
+    env |= {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")}
+    cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while not (run_dir / "metrics.jsonl").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    first, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 143, first[-3000:]
+    assert (run_dir / "last.pt").is_file() and not (run_dir / "result.json").exists(), first[-3000:]
+    done = subprocess.run([*cmd, "trainer.resume=auto", *resume_args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    second = done.stdout + done.stderr
+    assert done.returncode == 0, second[-3000:]
+    assert "resumed from" in second and (run_dir / "result.json").is_file(), second[-3000:]
+    return first, second

@@ -69,14 +69,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("checkpoint is not set: pass checkpoint=<last.pt | best.pt | official .pth.tar>")
     if c.data.root is None:
         raise UserError("data.root is not set: pass the Human3.6M folder (or data=mpi3dhp data.root=<npz>)")
-    device = torch.device("cuda" if torch.cuda.is_available() and c.train.device != "cpu" else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and c.trainer.device != "cpu" else "cpu")
     model, meta = load_model(cfg.checkpoint, tuple(c.model.padding_mode), cfg.get("temperature"))
     model.to(device)
     if c.data.name == "mpi3dhp":
         poses = read_mpi3dhp(c.data.root)
     else:
         poses = read_h36m(c.data.root, "test", c.data.input, c.data.exclude_drift)
-    metrics = evaluate(model, poses, c.train.eval_batch, device, c.train.amp,
+    metrics = evaluate(model, poses, c.trainer.eval_batch, device, c.trainer.amp,
                        "mpi3dhp" if c.data.name == "mpi3dhp" else "h36m")
     out = run_dir(cfg, PAPER, f"eval_{cfg.name}")
     save_resolved(cfg, out)

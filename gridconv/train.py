@@ -4,43 +4,42 @@
     python -m gridconv.train experiment=gt_dgridconv_handcrafted profile=smoke      # synthetic, CPU minutes
     torchrun --nproc_per_node=4 -m gridconv.train experiment=... data.root=...        # same global batch 200
 
-Regression, not classification: the loop is small and lives here, on common's pieces (checkpoint,
-logging, dist, config, report). Every epoch: the kernel-attention temperature follows the official
-schedule per iteration, the learning rate the stepped decay, then the held-out split (checkpoint
-selection), and the test split are evaluated; ``last.pt`` is saved atomically (and on SIGTERM) and
-``resume=auto`` continues mid-epoch exactly.
+Runs on the common loop (`common.engine.Trainer`) with a regression task: the kernel-attention
+temperature follows the official schedule per iteration (a `Hook`; the temperature is a buffer, saved
+with the weights), the learning rate the stepped decay (`schedule.milestones`); every epoch the held-out
+split (checkpoint selection, `trainer.selection`) and the test split are evaluated; the reported numbers
+are the test split scored with the selected weights.
 """
 
 from __future__ import annotations
 
 import math
-import random
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import Dataset
 
-from common.checkpoint import (
-    Checkpointer,
-    StopSignal,
-    capture_rng_state,
-    claim_resumed,
-    find_resume,
-    load_checkpoint,
-    restore_rng_state,
+from common.config import (
+    LoggerConfig,
+    OptimConfig,
+    ScheduleConfig,
+    Selection,
+    TrainerConfig,
+    check_choice,
+    hydra_main,
+    run_dir,
+    save_resolved,
+    validate,
 )
-from common.config import LoggerConfig, check_choice, hydra_main, run_dir, save_resolved, validate
-from common.dist import ResumableSampler, all_reduce_mean, batch_plan, cleanup, init_distributed
+from common.dist import cleanup, init_distributed
+from common.engine import Hook, Progress, RunInfo, Trainer
 from common.errors import UserError
-from common.logging import RunLogger
-from common.metrics import AverageMeter
-from common.report import write_result
+from common.tasks import RegressionTask
 
 from .data import PoseSet, hold_out, read_h36m
 from .gridconv import annealed_temperature
@@ -52,7 +51,7 @@ PAPER = "gridconv"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config schemas (validated at start-up: an unknown key or a wrong type is one line naming the key)
+# The paper's own config schemas (trainer / optim / schedule / logger are common's)
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
@@ -88,42 +87,13 @@ class MethodConfig:
 
 
 @dataclass
-class OptimConfig:
-    name: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-
-
-@dataclass
-class ScheduleConfig:
-    gamma: float = 0.96
-    decay_every: int = 10
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 100
-    global_batch: int = 200
-    eval_batch: int = 1000
-    max_steps: int | None = None
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    amp: str = "auto"
-    resume: str = "auto"
-    selection: str = "heldout"
-    ckpt_every_steps: int = 0
-    log_every: int = 100
-
-
-@dataclass
 class Config:
     model: ModelConfig
     data: DataConfig
     method: MethodConfig
     optim: OptimConfig
     schedule: ScheduleConfig
-    train: TrainConfig
+    trainer: TrainerConfig
     logger: LoggerConfig
 
 
@@ -132,7 +102,7 @@ def validate_config(cfg: DictConfig) -> Config:
                method=validate(cfg.method, MethodConfig, "method."),
                optim=validate(cfg.optim, OptimConfig, "optim."),
                schedule=validate(cfg.schedule, ScheduleConfig, "schedule."),
-               train=validate(cfg.train, TrainConfig, "train."),
+               trainer=validate(cfg.trainer, TrainerConfig, "trainer."),
                logger=validate(cfg.logger, LoggerConfig, "logger."))
     check_choice("model.arch", c.model.arch, ARCHS)
     check_choice("model.sgt", c.model.sgt, ("handcrafted", "learnable"))
@@ -140,15 +110,11 @@ def validate_config(cfg: DictConfig) -> Config:
     check_choice("model.loss_space", c.model.loss_space, (None, "grid", "joints"))
     check_choice("data.name", c.data.name, ("h36m", "synthetic", "mpi3dhp"))
     check_choice("optim.name", c.optim.name, ("adam",))
-    check_choice("train.selection", c.train.selection, ("heldout", "test", "last"))
-    check_choice("train.amp", c.train.amp, ("auto", "bf16", "off"))
     if len(c.model.padding_mode) != 2 or any(m not in ("c", "z", "r") for m in c.model.padding_mode):
         raise UserError(f"config model.padding_mode={c.model.padding_mode}: two of c (circular), z (zeros), "
                         "r (replicate)")
-    for key, value in (("train.epochs", c.train.epochs), ("train.global_batch", c.train.global_batch),
-                       ("model.hidden_size", c.model.hidden_size)):
-        if value <= 0:
-            raise UserError(f"config {key}={value}: must be positive")
+    if c.model.hidden_size <= 0:
+        raise UserError(f"config model.hidden_size={c.model.hidden_size}: must be positive")
     if not 0 <= c.data.heldout_fraction < 1:
         raise UserError(f"config data.heldout_fraction={c.data.heldout_fraction}: must be in [0, 1)")
     return c
@@ -182,8 +148,29 @@ def load_splits(d: DataConfig, seed: int) -> dict[str, PoseSet]:
     return {"train": train, "heldout": heldout, "test": read_h36m(d.root, "test", d.input, d.exclude_drift)}
 
 
+class PoseDataset(Dataset):
+    """A `PoseSet` as (2D pose, 3D pose) samples for the common loop."""
+
+    def __init__(self, poses: PoseSet) -> None:
+        self.poses = poses
+
+    def __len__(self) -> int:
+        return len(self.poses)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.poses.pose2d[i], self.poses.pose3d[i]
+
+
+def score(pred: torch.Tensor, target: torch.Tensor, index: torch.Tensor, dataset: Dataset) -> dict[str, float]:
+    """Protocol #1 / #2 (action-wise, mm) and per-axis errors of predictions for `dataset[index]`."""
+    actions = dataset.poses.actions  # type: ignore[attr-defined]
+    return protocol_metrics(pred, target, [actions[i] for i in index.tolist()])
+
+
 def lr_at_epoch(epoch: int, base_lr: float, gamma: float, decay_every: int) -> float:
-    """Official stepped decay: x gamma after epoch e whenever e % decay_every == 0 (e = 0, 10, 20, ...)."""
+    """Official stepped decay: x gamma after epoch e whenever e % decay_every == 0 (e = 0, 10, 20, ...).
+
+    The reference the `schedule.milestones` of configs/schedule/step_decay.yaml are checked against."""
     return base_lr * gamma ** math.ceil(epoch / decay_every)
 
 
@@ -215,24 +202,31 @@ def evaluate(model: nn.Module, poses: PoseSet, batch: int, device: torch.device,
     return protocol_metrics(pred, poses.pose3d, poses.actions)
 
 
-class TrainStep(nn.Module):
-    """The training objective as a module (so that DDP wraps the call that computes the loss)."""
+class AnnealTemperature(Hook):
+    """The kernel-attention temperature, 30 -> 1 over the first `anneal_epochs`, per iteration (Sec. 4.1)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    def __init__(self, model: nn.Module, anneal_epochs: float, max_temperature: float) -> None:
+        self.model, self.anneal_epochs, self.max_temperature = model, anneal_epochs, max_temperature
 
-    def forward(self, pose2d: torch.Tensor, pose3d: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model.forward_train(pose2d, pose3d)[1]
+    def on_step_start(self, progress: Progress) -> None:
+        self.model.set_temperature(annealed_temperature(progress.epoch, progress.step_in_epoch,
+                                                        progress.steps_per_epoch, self.anneal_epochs,
+                                                        self.max_temperature))
+
+    def log_values(self) -> dict[str, float]:
+        t = self.model.temperature
+        return {} if t is None else {"temperature": t}
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+class ActionWiseRecord(Hook):
+    """result.json keeps the summary numbers as metrics and the per-action MPJPE apart."""
+
+    def __init__(self, selection: Selection) -> None:
+        self.selection = selection
+
+    def on_fit_end(self, metrics: dict[str, float], extra: dict[str, Any]) -> None:
+        extra["per_action_mpjpe"] = {k[6:]: metrics.pop(k) for k in list(metrics) if k.startswith("mpjpe/")}
+        extra["test_selected"] = self.selection == Selection.best_test
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,130 +235,27 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def run(cfg: DictConfig, out: Path | None = None) -> dict[str, float]:
     """Train and evaluate one configuration; returns the final test metrics (also in result.json)."""
     c = validate_config(cfg)
-    env = init_distributed(c.train.device)
+    env = init_distributed(c.trainer.device)
     out = out or run_dir(cfg, PAPER, cfg.name)
+    splits = load_splits(c.data, c.trainer.seed)
+    if c.trainer.selection == Selection.best_heldout and len(splits["heldout"]) == 0:
+        raise UserError("trainer.selection=best_heldout needs data.heldout_fraction > 0 (or use selection=last)")
     if env.is_main:
         save_resolved(cfg, out)
-    seed_everything(c.train.seed + env.rank, c.train.deterministic)
-    splits = load_splits(c.data, c.train.seed)
-    core = build_model(model_kwargs(c.model)).to(env.device)
-    objective: nn.Module = TrainStep(core)
-    if env.distributed:
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-    optimizer = torch.optim.Adam(core.parameters(), lr=c.optim.lr, weight_decay=c.optim.weight_decay)
-    plan = batch_plan(c.train.global_batch, env.world_size)
-    train = splits["train"]
-    sampler = ResumableSampler(len(train), env.rank, env.world_size, shuffle=True, seed=c.train.seed)
-    steps_per_epoch = math.ceil(len(sampler) / plan.per_device)
-    logger = RunLogger(out, OmegaConf.to_container(cfg, resolve=True), env.is_main, c.logger.wandb_mode,
-                       c.logger.project, name=str(cfg.name))
-    ckpt = Checkpointer(out, enabled=env.is_main)
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None}
-    resume = find_resume(out, c.train.resume)
-    recipe = {"seed": c.train.seed, "global_batch": c.train.global_batch}  # epochs may grow: the decay is per epoch
-    if resume is not None:
-        saved = load_checkpoint(resume)
-        for key, value in (saved.get("recipe") or {}).items():
-            if recipe.get(key) != value:
-                raise UserError(f"{resume} was written with train.{key}={value}, this run has {recipe.get(key)}; "
-                                "resume with the same value or set train.resume=none")
-        if env.is_main and resume.parent != out:
-            claim_resumed(resume.parent, out)
-        core.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state.update(saved["state"])
-        restore_rng_state(saved["rng"])
-        logger.info(f"resumed from {resume} at epoch {state['epoch']} step {state['step_in_epoch']}")
-
-    def snapshot() -> dict[str, Any]:
-        return {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state),
-                "rng": capture_rng_state(), "model_config": model_kwargs(c.model), "recipe": recipe}
-
-    selection_split = {"heldout": "heldout", "test": "test", "last": None}[c.train.selection]
-    if selection_split == "heldout" and len(splits["heldout"]) == 0:
-        raise UserError("train.selection=heldout needs data.heldout_fraction > 0 (or use selection=last)")
-    stopped = False
-    with StopSignal() as stop:
-        while state["epoch"] < c.train.epochs and not stopped:
-            epoch = state["epoch"]
-            lr = lr_at_epoch(epoch, c.optim.lr, c.schedule.gamma, c.schedule.decay_every)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sampler.set_position(epoch, state["step_in_epoch"] * plan.per_device)
-            order = torch.tensor(list(iter(sampler)), dtype=torch.long)
-            loss_meter, t0 = AverageMeter("loss"), time.time()
-            objective.train()
-            for idx in order.split(plan.per_device):
-                if len(idx) < 2:  # BatchNorm needs two samples; only a 1-sample tail batch is dropped
-                    continue
-                step = state["step_in_epoch"]
-                temperature = annealed_temperature(epoch, step, steps_per_epoch, c.method.anneal_epochs,
-                                                   c.method.max_temperature)
-                core.set_temperature(temperature)
-                x, y = train.pose2d[idx].to(env.device), train.pose3d[idx].to(env.device)
-                with autocast(env.device, c.train.amp):
-                    losses = objective(x, y)
-                loss = sum(losses.values())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_meter.update(loss.detach(), len(idx))
-                state["step_in_epoch"] += 1
-                state["global_step"] += 1
-                if env.is_main and state["global_step"] % c.train.log_every == 0:
-                    logger.log({"epoch": epoch, "step": state["global_step"], "loss": loss_meter.avg,
-                                "lr": lr, "temperature": temperature}, step=state["global_step"])
-                if c.train.ckpt_every_steps and state["global_step"] % c.train.ckpt_every_steps == 0:
-                    ckpt.save(snapshot())
-                if stop.requested or (c.train.max_steps and state["global_step"] >= c.train.max_steps):
-                    stopped = True
-                    break
-            if stopped and state["step_in_epoch"] < steps_per_epoch:
-                ckpt.save(snapshot())  # mid-epoch: resume=auto continues from this exact step
-                reason = "SIGTERM" if stop.requested else f"train.max_steps={c.train.max_steps}"
-                logger.info(f"stopped at epoch {epoch} step {state['step_in_epoch']} ({reason}); "
-                            f"saved {ckpt.last}")
-                break
-            # End of epoch: evaluate, select, save.
-            train_loss = all_reduce_mean(torch.tensor(loss_meter.avg, device=env.device)).item()
-            record = {"epoch": epoch, "lr": lr, "temperature": core.temperature, "train_loss": train_loss,
-                      "epoch_time_s": time.time() - t0}
-            if env.is_main:
-                for split in ("heldout", "test"):
-                    metrics = evaluate(core, splits[split], c.train.eval_batch, env.device, c.train.amp)
-                    record |= {f"{split}/{k}": v for k, v in metrics.items() if "/" not in k}
-            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-            score = record.get(f"{selection_split}/mpjpe") if selection_split else None
-            improved = score is not None and (state["best"] is None or score < state["best"])
-            if improved:
-                state["best"], state["best_epoch"] = score, epoch
-                ckpt.save(snapshot(), "best.pt")
-            record |= {"best_epoch": state["best_epoch"], "selection": c.train.selection}
-            if env.is_main:
-                logger.log(record, step=state["global_step"])
-                logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in record.items()))
-            ckpt.save(snapshot())
-    if stopped and state["epoch"] < c.train.epochs:
-        logger.close()
-        cleanup()
-        return {}
-    # Final numbers: the selected checkpoint (or the last epoch) on the test split.
-    if selection_split and (out / "best.pt").is_file():
-        core.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    final: dict[str, float] = {}
-    if env.is_main:
-        final = evaluate(core, splits["test"], c.train.eval_batch, env.device, c.train.amp)
-        summary = {k: v for k, v in final.items() if "/" not in k}
-        write_result(out, PAPER, str(cfg.name), cfg.get("row"), str(cfg.get("profile", "full")), summary,
-                     seed=c.train.seed, selection=c.train.selection, best_epoch=state["best_epoch"],
-                     per_action_mpjpe={k[6:]: v for k, v in final.items() if k.startswith("mpjpe/")},
-                     test_selected=c.train.selection == "test")
-        logger.info(f"result: {out / 'result.json'}  " + " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
-    logger.close()
+    torch.manual_seed(c.trainer.seed)
+    core = build_model(model_kwargs(c.model))
+    info = RunInfo(PAPER, str(cfg.name), cfg.get("row"), "human36m", synthetic=c.data.name == "synthetic",
+                   profile=str(cfg.get("profile", "full")))
+    heldout = PoseDataset(splits["heldout"]) if len(splits["heldout"]) else None
+    trainer = Trainer(core, PoseDataset(splits["train"]), PoseDataset(splits["test"]), c.trainer, c.optim, c.schedule,
+                      out, env, task=RegressionTask(score), heldout_set=heldout,
+                      hooks=[AnnealTemperature(core, c.method.anneal_epochs, c.method.max_temperature),
+                             ActionWiseRecord(c.trainer.selection)],
+                      logger_cfg=c.logger, config_dict=OmegaConf.to_container(cfg, resolve=True), run_info=info,
+                      checkpoint_meta={"model_config": model_kwargs(c.model)})
+    metrics = trainer.fit()
     cleanup()
-    return final
+    return metrics
 
 
 @hydra_main(CONFIG_DIR)

@@ -21,9 +21,10 @@ from torch import nn
 from common.checkpoint import extract_state_dict, load_state_dict_verbose, read_checkpoint
 from common.config import TrainerConfig, hydra_main, save_resolved, validate
 from common.dist import cleanup, init_distributed
-from common.engine import eval_loader, evaluate, resolve_amp, resolve_channels_last
+from common.engine import eval_loader, resolve_amp, resolve_channels_last
 from common.errors import UserError
 from common.results import evaluation_record, write_record
+from common.tasks import evaluate
 from kernelwarehouse.convert import load_official
 from kernelwarehouse.train import (
     CONFIG_DIR,

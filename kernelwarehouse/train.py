@@ -28,10 +28,10 @@ from common.config import (
     validate,
 )
 from common.data import ImageFolder, build_transforms, write_synthetic_imagefolder
-from common.dist import DistEnv, cleanup, init_distributed
-from common.engine import Classifier, Trainer, evaluate
+from common.dist import cleanup, init_distributed
+from common.engine import Hook, Progress, RunInfo, Trainer
 from common.errors import UserError
-from common.report import write_result
+from common.tasks import ClassificationTask, Classifier, EvalContext
 from kernelwarehouse.models import create_model, param_groups, set_temperature, warehouse_manager
 from kernelwarehouse.warehouse import temperature_at
 
@@ -66,30 +66,37 @@ class MethodConfig:
     impl: str = "auto"
 
 
-class KWClassifier(Classifier):
-    """Cross-entropy training of a (KW) network with the attention temperature schedule (spec §b.9).
+class TemperatureSchedule(Hook):
+    """The attention temperature schedule (spec §b.9), before every optimizer step.
 
-    Before every optimizer step ``tau = max(0, T0 (T - it) / T)`` with ``T = temp_epoch x steps/epoch``; tau
-    lives in the warehouse manager's buffer, so it is checkpointed with the model. Plain baselines have no
-    manager and ignore the schedule.
+    ``tau = max(0, T0 (T - it) / T)`` with ``T = temp_epoch x steps/epoch`` in absolute epochs of the run;
+    tau lives in the warehouse manager's buffer, so it is checkpointed with the model. Plain baselines
+    have no manager and ignore the schedule.
     """
 
-    def __init__(self, model: nn.Module, label_smoothing: float, temp_epoch: float, temp_init: float) -> None:
-        super().__init__(model, label_smoothing)
-        self.temp_epoch, self.temp_init = temp_epoch, temp_init
-        self.num_epochs = 1
+    def __init__(self, model: nn.Module, temp_epoch: float, temp_init: float) -> None:
+        self.model, self.temp_epoch, self.temp_init = model, temp_epoch, temp_init
 
-    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
-        self.num_epochs = num_epochs
+    def on_step_start(self, progress: Progress) -> None:
+        set_temperature(self.model, temperature_at(0, progress.step, progress.steps_per_epoch, self.temp_epoch,
+                                                   self.temp_init))
 
-    def on_step_start(self, step: int, total_steps: int) -> None:
-        steps_per_epoch = max(total_steps // max(self.num_epochs, 1), 1)
-        set_temperature(self.model, temperature_at(0, step, steps_per_epoch, self.temp_epoch, self.temp_init))
-
-    @property
-    def temperature(self) -> float | None:
+    def log_values(self) -> dict[str, float]:
         manager = warehouse_manager(self.model)
-        return None if manager is None else float(manager.temperature)
+        return {} if manager is None else {"tau": float(manager.temperature)}
+
+
+class KWClassificationTask(ClassificationTask):
+    """Validation as in the official engine: the live model at its current tau, an EMA copy at tau = 0."""
+
+    def __init__(self, live: nn.Module, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.live = live
+
+    def evaluate(self, model: nn.Module, loader: Any, ctx: EvalContext) -> dict[str, float]:
+        if model is not self.live:
+            set_temperature(model, 0.0)
+        return super().evaluate(model, loader, ctx)
 
 
 def build_model(model_cfg: ModelConfig, data: DataConfig, method: MethodConfig) -> nn.Module:
@@ -129,17 +136,6 @@ def build_data(cfg: DataConfig, train: bool = True) -> tuple[Any, Any]:
     return train_set, val_set
 
 
-def evaluator(live: nn.Module, env: DistEnv, amp_dtype: torch.dtype | None, channels_last: bool):  # noqa: ANN201
-    """Validation as in the official engine: the live model at its current tau, an EMA copy at tau = 0."""
-
-    def run(model: nn.Module, loader: Any) -> dict[str, float]:
-        if model is not live:
-            set_temperature(model, 0.0)
-        return evaluate(model, loader, env, amp_dtype, channels_last)
-
-    return run
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate one configuration; returns the final metrics (also written to result.json)."""
     model_cfg = validate(cfg.model, ModelConfig, "model.")
@@ -160,18 +156,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if manager is not None and env.is_main:
         print("warehouses: " + "; ".join(f"{w['name']} {w['shape']} x{w['num_layers']} b={w['budget']:g}"
                                          for w in manager.summary()))
-    method_module = KWClassifier(model, trainer_cfg.label_smoothing, method.temp_epoch, method.temp_init)
-    trainer = Trainer(method_module, train_set, val_set, trainer_cfg, optim, schedule, out, env,
+    task = KWClassificationTask(model, trainer_cfg.mixup, trainer_cfg.cutmix, trainer_cfg.label_smoothing,
+                                data.num_classes)
+    info = RunInfo(PAPER, cfg.name, cfg.row, "imagenet", synthetic=data.name == "synthetic", profile=cfg.profile)
+    trainer = Trainer(Classifier(model, trainer_cfg.label_smoothing), train_set, val_set, trainer_cfg, optim,
+                      schedule, out, env, task=task, model=model,
+                      hooks=[TemperatureSchedule(model, method.temp_epoch, method.temp_init)],
                       logger_cfg=logger_cfg, params=param_groups(model, optim.weight_decay),
-                      num_classes=data.num_classes, config_dict=OmegaConf.to_container(cfg, resolve=True))
+                      config_dict=OmegaConf.to_container(cfg, resolve=True), run_info=info)
     if manager is not None and manager.norm == "bn" and trainer.plan.per_device < 2:
         raise UserError(f"the per-device batch is {trainer.plan.per_device}: the KW attention BatchNorm needs >= 2 "
                         "samples; raise trainer.max_device_batch / global_batch or use model.kw.norm=ln")
-    trainer.evaluate_fn = evaluator(model, env, trainer.amp_dtype, trainer.channels_last)
     metrics = trainer.fit()
-    if env.is_main:
-        write_result(out, PAPER, cfg.name, cfg.row, cfg.profile, metrics, seed=trainer_cfg.seed)
-        print(f"result: {out / 'result.json'}  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     cleanup()
     return metrics
 

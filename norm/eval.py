@@ -18,9 +18,10 @@ from omegaconf import DictConfig
 from common.checkpoint import atomic_save
 from common.config import hydra_main, run_dir, save_resolved
 from common.dist import cleanup, init_distributed
-from common.engine import eval_loader, evaluate
+from common.engine import eval_loader
 from common.errors import UserError
 from common.results import evaluation_record, write_record
+from common.tasks import evaluate
 
 from .convert import load_student, load_teacher, read_state_dict
 from .models import create_model, is_foldable

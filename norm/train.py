@@ -38,9 +38,9 @@ from common.config import (
 )
 from common.data import CIFAR, MNIST, ImageFolder, build_transforms, split_indices, write_synthetic_cifar
 from common.dist import DistEnv, barrier, cleanup, init_distributed
-from common.engine import Classifier, Trainer, eval_loader, evaluate
+from common.engine import Hook, Progress, RunInfo, Trainer, eval_loader
 from common.errors import UserError
-from common.report import write_result
+from common.tasks import ClassificationTask, Classifier, evaluate
 
 from .convert import load_teacher
 from .crd import ContrastiveSampleDataset, CRDLoss
@@ -171,12 +171,42 @@ def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset]:
             CIFAR(cfg.root, cfg.num_classes, "test", test_tf))  # type: ignore[arg-type]
 
 
-def _fit(method: nn.Module, run: RunConfig, train_set: Dataset, val_set: Dataset, out: Path, env: DistEnv,
-         config_dict: dict[str, Any]) -> dict[str, float]:
+class NORMSchedule(Hook):
+    """w(epoch), the official epoch-wise NORM multiplier, set at the start of every epoch."""
+
+    def __init__(self, distiller: NORMDistiller) -> None:
+        self.distiller = distiller
+
+    def on_epoch_start(self, progress: Progress) -> None:
+        self.distiller.on_epoch_start(progress.epoch, progress.epochs)
+
+
+class FoldAndDeploy(Hook):
+    """After training: fold the FT into the classifier, score the deployed student, write deployed.pt."""
+
+    def __init__(self, student: NORMStudent, val_set: Dataset, run: RunConfig, env: DistEnv, out: Path) -> None:
+        self.student, self.val_set, self.run, self.env, self.out = student, val_set, run, env, out
+
+    def on_fit_end(self, metrics: dict[str, float], extra: dict[str, Any]) -> None:
+        deployed = self.student.eval().fold()
+        loader = eval_loader(self.val_set, self.run.trainer.global_batch, self.env, self.run.trainer.workers)
+        metrics["top1_folded"] = evaluate(deployed, loader, self.env)["top1"]
+        extra["params_deployed"] = sum(p.numel() for p in deployed.parameters())
+        extra["params_train"] = sum(p.numel() for p in self.student.parameters())
+        if self.env.is_main:
+            atomic_save(deployed.state_dict(), self.out / "deployed.pt")
+
+
+def _fit(method: nn.Module, model: nn.Module, run: RunConfig, train_set: Dataset, val_set: Dataset, out: Path,
+         env: DistEnv, config_dict: dict[str, Any], hooks: list[Hook] | None = None,
+         info: RunInfo | None = None, extra: dict[str, Any] | None = None) -> dict[str, float]:
     params = [p for p in method.parameters() if p.requires_grad]  # the frozen teacher is not optimized
-    trainer = Trainer(method, train_set, val_set, run.trainer, run.optim, run.schedule, out, env,
-                      logger_cfg=run.logger, params=params, num_classes=run.data.num_classes,
-                      config_dict=config_dict)
+    t = run.trainer
+    task = ClassificationTask(t.mixup, t.cutmix, t.label_smoothing, run.data.num_classes)
+    trainer = Trainer(method, train_set, val_set, t, run.optim, run.schedule, out, env, task=task, model=model,
+                      hooks=hooks or [], logger_cfg=run.logger, params=params, config_dict=config_dict,
+                      run_info=info)
+    trainer.record_extra.update(extra or {})
     return trainer.fit()
 
 
@@ -193,7 +223,8 @@ def get_teacher(run: RunConfig, profile: str, train_set: Dataset, val_set: Datas
     teacher_dir = out / "teacher"
     if not (teacher_dir / "FINISHED").is_file():  # smoke: train the teacher with the same data and sizes
         teacher_dir.mkdir(parents=True, exist_ok=True)
-        _fit(Classifier(create_model(arch, nc)), run, train_set, val_set, teacher_dir, env, config_dict)
+        net = create_model(arch, nc)
+        _fit(Classifier(net), net, run, train_set, val_set, teacher_dir, env, config_dict)
     barrier()  # under torchrun, rank 0 writes best.pt
     return load_teacher(teacher_dir / "best.pt", arch, nc)
 
@@ -211,39 +242,33 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     nc = r.data.num_classes
     extra: dict[str, Any] = {}
 
+    info = RunInfo("norm", cfg.name, cfg.row, "cifar100" if r.data.name == "synthetic_cifar" else r.data.name,
+                   synthetic=r.data.name == "synthetic_cifar", profile=cfg.profile)
     if r.method.name == "ce":
-        method: nn.Module = Classifier(create_model(r.model.student, nc))
-    else:
-        teacher = get_teacher(r, cfg.profile, train_set, val_set, out, env, config_dict).to(env.device)
-        loader = eval_loader(val_set, r.trainer.global_batch, env, r.trainer.workers)
-        extra["teacher_top1"] = evaluate(teacher, loader, env)["top1"]  # check the teacher before distilling
-        if env.is_main:
-            print(f"teacher {r.model.teacher}: top1 {extra['teacher_top1']:.2f}")
-        student = NORMStudent(create_model(r.model.student, nc, norm_variant=True), teacher.num_features,
-                              r.method.n, r.method.residual)
-        m, c = r.method.multiplier, r.method.crd
-        crd = None
-        if c is not None:  # CRD needs each sample's index and contrast indices, and a bank row per sample
-            train_set = ContrastiveSampleDataset(train_set, train_set.targets, c.nce_k, c.mode)  # type: ignore[attr-defined]
-            crd = CRDLoss(student.net.num_features, teacher.num_features, len(train_set), c.feat_dim, c.nce_t,
-                          c.nce_m)
-        method = NORMDistiller(student, teacher, r.method.ce_weight, r.method.kd_weight, r.method.norm_weight,
-                               r.method.kd_temperature, r.method.logit_scale,
-                               None if m is None else NormMultiplier(m.milestones, m.values, m.reference_epochs),
-                               crd, 0.0 if c is None else c.weight)
-    metrics = _fit(method, r, train_set, val_set, out, env, config_dict)
-
-    if isinstance(method, NORMDistiller) and is_foldable(student.net):
-        deployed = student.eval().fold()
-        loader = eval_loader(val_set, r.trainer.global_batch, env, r.trainer.workers)
-        metrics["top1_folded"] = evaluate(deployed, loader, env)["top1"]
-        extra["params_deployed"] = sum(p.numel() for p in deployed.parameters())
-        extra["params_train"] = sum(p.numel() for p in student.parameters())
-        if env.is_main:
-            atomic_save(deployed.state_dict(), out / "deployed.pt")
+        net = create_model(r.model.student, nc)
+        metrics = _fit(Classifier(net), net, r, train_set, val_set, out, env, config_dict, info=info)
+        cleanup()
+        return metrics, out
+    teacher = get_teacher(r, cfg.profile, train_set, val_set, out, env, config_dict).to(env.device)
+    loader = eval_loader(val_set, r.trainer.global_batch, env, r.trainer.workers)
+    extra["teacher_top1"] = evaluate(teacher, loader, env)["top1"]  # check the teacher before distilling
     if env.is_main:
-        write_result(out, "norm", cfg.name, cfg.row, cfg.profile, metrics, seed=r.trainer.seed, **extra)
-        print(f"result: {out / 'result.json'}  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        print(f"teacher {r.model.teacher}: top1 {extra['teacher_top1']:.2f}")
+    student = NORMStudent(create_model(r.model.student, nc, norm_variant=True), teacher.num_features,
+                          r.method.n, r.method.residual)
+    m, c = r.method.multiplier, r.method.crd
+    crd = None
+    if c is not None:  # CRD needs each sample's index and contrast indices, and a bank row per sample
+        train_set = ContrastiveSampleDataset(train_set, train_set.targets, c.nce_k, c.mode)  # type: ignore[attr-defined]
+        crd = CRDLoss(student.net.num_features, teacher.num_features, len(train_set), c.feat_dim, c.nce_t, c.nce_m)
+    method = NORMDistiller(student, teacher, r.method.ce_weight, r.method.kd_weight, r.method.norm_weight,
+                           r.method.kd_temperature, r.method.logit_scale,
+                           None if m is None else NormMultiplier(m.milestones, m.values, m.reference_epochs),
+                           crd, 0.0 if c is None else c.weight)
+    hooks: list[Hook] = [NORMSchedule(method)]
+    if is_foldable(student.net):
+        hooks.append(FoldAndDeploy(student, val_set, r, env, out))
+    metrics = _fit(method, method.eval_model(), r, train_set, val_set, out, env, config_dict, hooks, info, extra)
     cleanup()
     return metrics, out
 

@@ -30,8 +30,8 @@ from common.config import (
 )
 from common.data import MNIST, ImageFolder, build_transforms, split_indices, write_synthetic_imagefolder
 from common.dist import cleanup, init_distributed
-from common.engine import Classifier, Trainer
-from common.report import write_result
+from common.engine import RunInfo, Trainer
+from common.tasks import ClassificationTask, Classifier
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -93,12 +93,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(trainer_cfg.seed)
     train_set, val_set = build_data(data)
     model = small_cnn(data.channels, data.num_classes, model_cfg.width)
+    task = ClassificationTask(trainer_cfg.mixup, trainer_cfg.cutmix, trainer_cfg.label_smoothing, data.num_classes)
+    info = RunInfo(cfg.paper, cfg.name, cfg.row, data.name, synthetic=data.name == "synthetic", profile=cfg.profile)
     trainer = Trainer(Classifier(model, trainer_cfg.label_smoothing), train_set, val_set, trainer_cfg, optim,
-                      schedule, out, env, logger_cfg=logger_cfg, num_classes=data.num_classes)
+                      schedule, out, env, task=task, model=model, logger_cfg=logger_cfg, run_info=info)
     metrics = trainer.fit()
-    if env.is_main:
-        write_result(out, cfg.paper, cfg.name, cfg.row, cfg.profile, metrics, seed=trainer_cfg.seed)
-        print(f"result: {out / 'result.json'}  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     cleanup()
     return metrics
 

@@ -16,7 +16,8 @@ from torch.utils.data import TensorDataset
 
 from common.config import OptimConfig, ScheduleConfig, TrainerConfig
 from common.dist import cleanup, init_distributed
-from common.engine import Classifier, Trainer
+from common.engine import Trainer
+from common.tasks import ClassificationTask, Classifier
 
 
 def make_net() -> nn.Module:
@@ -43,7 +44,7 @@ def main(out: Path) -> None:
     method = Classifier(make_net())
     cfg = TrainerConfig(epochs=1, global_batch=16, workers=0, log_every=100, seed=0, device="cpu")
     Trainer(method, data, data, cfg, OptimConfig(name="sgd", lr=0.1, weight_decay=0.0),
-            ScheduleConfig(name="constant"), out / "run", env).fit()
+            ScheduleConfig(name="constant"), out / "run", env, task=ClassificationTask(), model=method.model).fit()
     if env.is_main:
         torch.save({"grads": grads, "weights": method.model.state_dict()}, out / "ddp.pt")
     cleanup()

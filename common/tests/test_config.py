@@ -26,9 +26,11 @@ def test_compose_experiment_and_profile_order() -> None:
 
 
 def test_validate_names_the_key() -> None:
-    cfg = compose(CONFIG_DIR, ["trainer.epochs=abc"])
+    with pytest.raises(UserError, match=r"config trainer\.epochs") as err:  # typed: fails while composing
+        compose(CONFIG_DIR, ["trainer.epochs=abc"])
+    assert "\n" not in str(err.value)
     with pytest.raises(UserError, match=r"config trainer\.epochs") as err:
-        validate(cfg.trainer, TrainerConfig, "trainer.")
+        validate({"epochs": "abc"}, TrainerConfig, "trainer.")
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match=r"trainer\.epochz"):
         validate({"epochz": 3}, TrainerConfig, "trainer.")
@@ -48,6 +50,32 @@ def test_compose_unknown_key_is_one_line() -> None:
     with pytest.raises(UserError, match="trainer.nope") as err:
         compose(CONFIG_DIR, ["trainer.nope=1"])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.amp=fp8", "trainer.amp"),  # a choice (Enum) outside its values
+    ("trainer.selection=best", "trainer.selection"),
+    ("schedule.name=linear", "schedule.name"),
+    ("optim.lr_scaling=cubic", "optim.lr_scaling"),
+    ("logger.wandb_mode=cloud", "logger.wandb_mode"),
+    ("+optim.nope=1", "optim.nope"),  # an unknown key, even when added with +
+    ("trainer.precise_bn_batches=-1", "trainer.precise_bn_batches"),  # a range, checked right after composing
+    ("optim.lr=0", "optim.lr"),
+])
+def test_shared_schemas_fail_at_compose_naming_the_key(override: str, key: str) -> None:
+    """The shared structured configs (common.config, ConfigStore `osvai_base`) check every paper's groups."""
+    with pytest.raises(UserError, match=key.replace(".", r"\.")) as err:
+        compose(CONFIG_DIR, [override])
+    assert "\n" not in str(err.value) and str(err.value).startswith("config")
+
+
+def test_every_paper_composes_on_the_shared_schemas() -> None:
+    """Each paper's train.yaml holds only its own groups; trainer/optim/schedule/logger come from common."""
+    for paper in ("kernelwarehouse", "norm", "gridconv", "common/example"):
+        text = (REPO / paper / "configs" / "train.yaml").read_text()
+        assert "- osvai_base" in text and "\nlogger:" not in text, paper
+        cfg = compose(REPO / paper / "configs", [])
+        assert set(cfg.trainer) == set(TrainerConfig.__dataclass_fields__), paper
 
 
 def test_entry_point_errors_and_saved_config(tmp_path: Path) -> None:

@@ -13,8 +13,9 @@ from torch import nn
 
 from common.config import OptimConfig, ScheduleConfig, TrainerConfig
 from common.dist import ResumableSampler, _first_slurm_host, batch_plan, scale_lr
-from common.engine import Classifier, Trainer
+from common.engine import Trainer
 from common.errors import UserError
+from common.tasks import ClassificationTask, Classifier
 
 HERE = Path(__file__).resolve().parent
 
@@ -83,6 +84,6 @@ def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
     method = Classifier(make_net())
     cfg = TrainerConfig(epochs=1, global_batch=16, workers=0, log_every=100, seed=0, device="cpu")
     Trainer(method, make_data(), None, cfg, OptimConfig(name="sgd", lr=0.1, weight_decay=0.0),
-            ScheduleConfig(name="constant"), tmp_path / "single").fit()
+            ScheduleConfig(name="constant"), tmp_path / "single", task=ClassificationTask(), model=method.model).fit()
     for k, v in method.model.state_dict().items():
         torch.testing.assert_close(got["weights"][k], v, rtol=1e-5, atol=1e-6)

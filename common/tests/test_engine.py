@@ -16,8 +16,9 @@ from torch.utils.data import Dataset
 
 from common.checkpoint import load_checkpoint
 from common.config import OptimConfig, ScheduleConfig, TrainerConfig
-from common.engine import Classifier, Trainer
+from common.engine import Trainer
 from common.errors import UserError
+from common.tasks import ClassificationTask, Classifier
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,7 +49,9 @@ def _trainer(run_dir: Path, workers: int = 0, **over) -> Trainer:
                                   ema_decay=0.9, clip_grad=1.0, seed=3), **over})
     optim = OptimConfig(name="sgd", lr=0.05, weight_decay=1e-4)
     sched = ScheduleConfig(name="cosine", warmup_epochs=1, warmup_lr=1e-3)
-    return Trainer(Classifier(_net(), label_smoothing=0.1), NoisyBlobs(), NoisyBlobs(24), cfg, optim, sched, run_dir)
+    net = _net()
+    return Trainer(Classifier(net, label_smoothing=0.1), NoisyBlobs(), NoisyBlobs(24), cfg, optim, sched, run_dir,
+                   task=ClassificationTask(), model=net)
 
 
 def _assert_same(a: Trainer, b: Trainer) -> None:
@@ -108,7 +111,7 @@ def test_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
         net = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
         cfg = TrainerConfig(epochs=1, global_batch=16, max_device_batch=max_dev, workers=0, seed=1, log_every=100)
         t = Trainer(Classifier(net), NoisyBlobs(32), None, cfg, OptimConfig(lr=0.1), ScheduleConfig(name="constant"),
-                    tmp_path / f"acc{max_dev}")
+                    tmp_path / f"acc{max_dev}", task=ClassificationTask())
         t.fit()
         return net
 
@@ -132,7 +135,7 @@ def test_warmup_then_cosine_schedule(tmp_path: Path) -> None:
 def test_too_small_dataset_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="fewer than one global batch"):
         Trainer(Classifier(_net()), NoisyBlobs(8), None, TrainerConfig(global_batch=16), OptimConfig(),
-                ScheduleConfig(), tmp_path)
+                ScheduleConfig(), tmp_path, task=ClassificationTask())
 
 
 def test_sigterm_saves_then_resume_finishes(tmp_path: Path) -> None:
@@ -180,3 +183,96 @@ def test_multistep_milestones_drop_at_the_start_of_the_epoch(per_step: bool) -> 
     assert per_epoch[179] == pytest.approx(0.005) and per_epoch[180] == pytest.approx(0.0005)
     assert per_epoch[210] == pytest.approx(0.00005)
     assert len(set(lrs[150 * upe: 151 * upe])) == 1  # no change inside the epoch
+
+
+def test_precise_bn_is_an_exact_average_of_batch_statistics() -> None:
+    from common.dist import DistEnv
+    from common.engine import precise_bn
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3, momentum=0.1)
+    bn.running_mean.fill_(5.0)  # stale statistics, as after a moving temperature
+    batches = [torch.randn(8, 3) * (i + 1) + i for i in range(4)]
+    used = precise_bn(bn, iter(batches + [torch.full((8, 3), 1e6)]), 4, DistEnv())
+    assert used == 4 and bn.momentum == 0.1 and bn.training
+    torch.testing.assert_close(bn.running_mean, torch.stack([b.mean(0) for b in batches]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([b.var(0, unbiased=True) for b in batches]).mean(0))
+
+
+def test_precise_bn_before_evaluation_leaves_training_rng_untouched(tmp_path: Path) -> None:
+    t = _trainer(tmp_path / "p", precise_bn_batches=2, ema_decay=None)
+    bn = next(m for m in t.model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.running_mean.fill_(100.0)
+    rng = torch.get_rng_state()
+    t.evaluate()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert bn.running_mean.abs().max() < 10  # recomputed from training batches
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_loop_writes_the_result_record(tmp_path: Path) -> None:
+    import json
+
+    from common.engine import RunInfo
+
+    t = _trainer(tmp_path / "r", max_steps=2)
+    t.run_info = RunInfo("common", "blobs", None, "blobs", synthetic=True, profile="smoke")
+    t.fit()
+    record = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert (record["kind"], record["checkpoint"], record["data"], record["selection"]) == (
+        "trained", "ours", "synthetic", "last")
+    assert record["complete"] is False and record["seed"] == 3 and record["metrics"]["steps"] == 2
+
+
+class Lines(Dataset):
+    """y = 2 x + 1 with a little noise: a regression the loop should fit."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = 2 * self.x + 1 + 0.01 * torch.randn(n, 4, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+class LinearRegressor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def forward_train(self, x: torch.Tensor, y: torch.Tensor):
+        pred = self.net(x)
+        return pred, {"loss_l2": ((pred - y) ** 2).mean()}
+
+
+def test_regression_task_selects_on_the_heldout_split(tmp_path: Path) -> None:
+    import json
+
+    from common.engine import RunInfo
+    from common.tasks import RegressionTask
+
+    def score(pred, target, index, dataset):
+        assert torch.equal(target, dataset.y[index])  # gathered in dataset order
+        return {"err": float((pred - target).abs().mean())}
+
+    torch.manual_seed(0)
+    cfg = TrainerConfig(epochs=4, global_batch=16, workers=0, log_every=1, seed=0, selection="best_heldout")
+    t = Trainer(LinearRegressor(), Lines(64, 0), Lines(20, 1), cfg, OptimConfig(name="sgd", lr=0.1, weight_decay=0),
+                ScheduleConfig(name="constant"), tmp_path / "g", task=RegressionTask(score, primary="err"),
+                heldout_set=Lines(12, 2), run_info=RunInfo("common", "lines", None, "lines", True, "smoke"))
+    metrics = t.fit()
+    record = json.loads((tmp_path / "g" / "result.json").read_text())
+    assert record["selection"] == "best_heldout" and record["complete"] is True
+    errs = [h["heldout/err"] for h in t.history]
+    assert errs[-1] < errs[0] and record["extra"]["best_epoch"] == 1 + errs.index(min(errs))
+    assert metrics["err"] == pytest.approx(record["metrics"]["err"]) and "best_err" not in metrics
+    with pytest.raises(UserError, match="best_heldout needs a held-out split"):
+        Trainer(LinearRegressor(), Lines(64, 0), Lines(20, 1), cfg, OptimConfig(), ScheduleConfig(), tmp_path / "h",
+                task=RegressionTask(score, primary="err"))

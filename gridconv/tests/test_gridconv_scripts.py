@@ -11,8 +11,8 @@ from gridconv import bench, reproduce
 
 
 def test_reproduce_smoke_runs_every_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    reproduce.main(["--output-dir", str(tmp_path), "data.train_frames=1", "data.test_frames=1", "train.epochs=1",
-                    "model.hidden_size=8", "train.global_batch=100"])
+    reproduce.main(["--output-dir", str(tmp_path), "data.train_frames=1", "data.test_frames=1", "trainer.epochs=1",
+                    "model.hidden_size=8", "trainer.global_batch=100"])
     printed = capsys.readouterr().out
     for name, _ in reproduce.SMOKE_MODELS:
         assert f"| {name} |" in printed

@@ -66,3 +66,13 @@ def test_eval_corrupt_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
                  f"output_dir={tmp_path}")
     assert result.returncode == 2 and "bad.pth" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_train_sigterm_exits_143_then_resume_finishes(tmp_path: Path) -> None:
+    from common.testing import sigterm_then_resume
+
+    run_dir = tmp_path / "run"
+    args = ["experiment=kw1d2x_mobilenetv2_050", *SMALL, "trainer.epochs=50", f"data.root={tmp_path / 'data'}",
+            f"hydra.run.dir={run_dir}", f"output_dir={tmp_path / 'outputs'}"]
+    sigterm_then_resume("kernelwarehouse.train", args, run_dir, resume_args=("trainer.epochs=1",))
+    assert json.loads((run_dir / "result.json").read_text())["kind"] == "trained"

@@ -44,8 +44,9 @@ def test_smoke_entry_point_trains_resumes_and_deploys(tmp_path: Path) -> None:
     assert "resumed from" in second.stdout + second.stderr
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["row"] == "cifar100_resnet56_resnet20" and result["profile"] == "smoke"
-    assert result["metrics"]["steps"] == 3 and "teacher_top1" in result
-    assert result["params_deployed"] == sum(p.numel() for p in create_model("resnet20", 10).parameters())
+    assert result["metrics"]["steps"] == 3 and "teacher_top1" in result["extra"]
+    assert result["kind"] == "trained" and result["data"] == "synthetic" and result["complete"] is False
+    assert result["extra"]["params_deployed"] == sum(p.numel() for p in create_model("resnet20", 10).parameters())
     plain = create_model("resnet20", 10)
     plain.load_state_dict(torch.load(tmp_path / "run" / "deployed.pt", weights_only=True))
     # norm.eval: accuracy before and after folding agree, and the export is the plain network
@@ -155,3 +156,12 @@ def test_reproduce_full_mode_runs_a_row_with_a_released_teacher(tmp_path: Path,
     assert "| cifar100_resnet56_resnet20 | top1 | 71.35 |" in out  # the paper-vs-ours table
     result = json.loads(next((tmp_path / "out").rglob("result.json")).read_text())
     assert result["profile"] == "full" and result["row"] == "cifar100_resnet56_resnet20"
+
+
+def test_train_sigterm_exits_143_then_resume_finishes(tmp_path: Path) -> None:
+    from common.testing import sigterm_then_resume
+
+    run_dir = tmp_path / "run"
+    args = ["experiment=cifar100_teacher_resnet56", *TINY, "trainer.epochs=50", "trainer.log_every=1",
+            f"output_dir={tmp_path}", f"hydra.run.dir={run_dir}"]
+    sigterm_then_resume("norm.train", args, run_dir, resume_args=("trainer.epochs=1",))

@@ -1,0 +1,214 @@
+"""Task objects: what a kind of work (classification, regression ...) adds to the generic loop.
+
+A task turns a batch into named losses and a loader into metrics, and names the metric that selects
+the best epoch. The loop (`common.engine.Trainer`) does everything else. The contract, `Task`:
+
+    primary: str                 metric that selects best.pt (a key of `evaluate`'s result)
+    higher_is_better: bool       its direction (accuracy: True; an error in mm: False)
+    losses(method, batch)        -> {"loss_name": scalar tensor}; the loop sums them (the method weights them)
+    inputs(batch)                -> what the evaluated network takes (precise BN feeds it training batches)
+    evaluate(model, loader, ctx) -> {"metric": float} over the whole (sharded) loader, synced once
+
+`batch` is what the DataLoader yields, already on the device. The *method* is the trained `nn.Module`
+with `forward_train(inputs, targets) -> (outputs, {"loss_name": tensor})` (mdistiller's shape); the
+segmentation and skeleton papers add their own task next to these two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from common.dist import DistEnv, all_reduce_sum
+from common.errors import UserError
+from common.logging import progress
+
+Losses = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """How the loop evaluates: the process group's device, AMP dtype and memory format."""
+
+    env: DistEnv
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    show_progress: bool = False
+
+
+class Task(Protocol):
+    """See the module docstring."""
+
+    primary: str
+    higher_is_better: bool
+
+    def losses(self, method: nn.Module, batch: Any) -> Losses: ...
+
+    def inputs(self, batch: Any) -> Any: ...
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, ctx: EvalContext) -> dict[str, float]: ...
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(x: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Tensors (in lists, tuples, dicts) to `device`; 4-D ones channels_last when asked."""
+    if isinstance(x, torch.Tensor):
+        x = x.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device, channels_last) for v in x)
+    if isinstance(x, Mapping):
+        return {k: to_device(v, device, channels_last) for k, v in x.items()}
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification
+# --------------------------------------------------------------------------------------------------
+
+
+class Classifier(nn.Module):
+    """Plain supervised training of a network with cross-entropy (the baseline "method")."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def forward_train(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Losses]:
+        logits = self.model(images)
+        # Soft targets (mixup/cutmix) already carry the smoothing.
+        smoothing = 0.0 if targets.dtype.is_floating_point else self.label_smoothing
+        return logits, {"loss_ce": F.cross_entropy(logits, targets, label_smoothing=smoothing)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False, show_progress: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole (sharded) set.
+
+    The sums stay on the device; one all-reduce and one host copy at the end.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # top1, top5, loss, count
+    for images, targets in progress(loader, total=len(loader), desc="eval", enabled=show_progress and env.is_main):
+        images = to_device(images, env.device, channels_last)
+        targets = targets.to(env.device, non_blocking=True)
+        with autocast(env.device, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices == targets[:, None]
+        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+                             F.cross_entropy(logits, targets, reduction="sum"),
+                             torch.tensor(targets.shape[0], device=env.device)]).double()
+    model.train(was_training)
+    top1, top5, loss, count = all_reduce_sum(sums).tolist()
+    if count == 0:
+        return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan")}
+    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
+
+
+class ClassificationTask:
+    """Images and integer labels; optional mixup/cutmix (timm) on the training batch; top-1 selects."""
+
+    primary = "top1"
+    higher_is_better = True
+
+    def __init__(self, mixup: float = 0.0, cutmix: float = 0.0, label_smoothing: float = 0.0,
+                 num_classes: int | None = None) -> None:
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:
+            if num_classes is None:
+                raise UserError("mixup/cutmix need the number of classes; set data.num_classes")
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                               num_classes=num_classes)
+
+    def losses(self, method: nn.Module, batch: Any) -> Losses:
+        images, targets = batch
+        if self.mixup is not None:
+            if images.shape[0] % 2:
+                raise UserError(f"mixup/cutmix need an even per-device batch, got {images.shape[0]}; "
+                                "change trainer.global_batch or trainer.max_device_batch")
+            images, targets = self.mixup(images, targets)
+        return method.forward_train(images, targets)[1]
+
+    def inputs(self, batch: Any) -> Any:
+        return batch[0]
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, ctx: EvalContext) -> dict[str, float]:
+        return evaluate(model, loader, ctx.env, ctx.amp_dtype, ctx.channels_last, ctx.show_progress)
+
+
+# --------------------------------------------------------------------------------------------------
+# Regression (pose lifting and the like)
+# --------------------------------------------------------------------------------------------------
+
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], dict[str, float]]
+
+
+class RegressionTask:
+    """Inputs and target tensors; the method's `forward_train` gives the losses (e.g. an L2 on joints).
+
+    Evaluation predicts the whole loader, gathers predictions, targets and sample indices from every
+    rank, and hands them to `score(pred, target, index, dataset) -> metrics`, in dataset order (the
+    index lets a paper look up per-sample labels such as the action, for action-wise means). The
+    primary metric is an error by default (lower is better).
+    """
+
+    def __init__(self, score: Scorer, primary: str = "mpjpe", higher_is_better: bool = False) -> None:
+        self.score = score
+        self.primary = primary
+        self.higher_is_better = higher_is_better
+
+    def losses(self, method: nn.Module, batch: Any) -> Losses:
+        inputs, targets = batch
+        return method.forward_train(inputs, targets)[1]
+
+    def inputs(self, batch: Any) -> Any:
+        return batch[0]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, ctx: EvalContext) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        preds, targets = [], []
+        for inputs, target in loader:
+            with autocast(ctx.env.device, ctx.amp_dtype):
+                preds.append(model(to_device(inputs, ctx.env.device)).float())
+            targets.append(target)
+        model.train(was_training)
+        index = torch.tensor(list(iter(loader.sampler)), dtype=torch.long)  # type: ignore[arg-type]
+        pred = torch.cat(preds).cpu() if preds else torch.zeros(0)
+        target = torch.cat(targets).cpu() if targets else torch.zeros(0)
+        if ctx.env.distributed:
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * ctx.env.world_size
+            dist.all_gather_object(parts, (pred, target, index))
+            pred, target, index = (torch.cat([p[i] for p in parts]) for i in range(3))
+        if index.numel() == 0:
+            return {}
+        order = index.argsort()
+        return self.score(pred[order], target[order], index[order], loader.dataset)
