@@ -147,11 +147,11 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
         raise UserError(f"config model.teacher_checkpoint is not set: pass the CIRKD {r.model.teacher} checkpoint "
                         "(deeplabv3_resnet101_<dataset>_best_model.pth, spec d) or a best.pt of ours; "
                         "`python -m afdcd.reproduce` (smoke) trains a small teacher first")
+    torch.manual_seed(r.trainer.seed)
+    method = build_distiller(r.model, r.method, r.data.num_classes)  # a wrong teacher stops here, before any write
     out = run_dir(cfg, "afdcd", cfg.name)
     if env.is_main:
         save_resolved(cfg, out)
-    torch.manual_seed(r.trainer.seed)
-    method = build_distiller(r.model, r.method, r.data.num_classes)
     if env.distributed and env.device.type == "cuda" and r.model.sync_bn:  # b.4 (SyncBN needs GPUs)
         method.student = nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
     task = segmentation_task(r)
