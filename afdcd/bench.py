@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if len(crop) != 2 or crop[0] % 128 or crop[1] % 128:
             raise UserError(f"afdcd.bench: crop={opts['crop']}: height,width, multiples of 128 (stride 8, max-pool 4, "
                             "4x4 patches)")
+    if batch < 2:
+        raise UserError(f"afdcd.bench: batch={batch}: a training step needs >= 2 images (the ASPP image-pooling BN "
+                        "sees one value per channel per image; the recipe runs 2 per GPU)")
     mf = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     torch.manual_seed(0)
     x = torch.randn(batch, 3, *crop).to(device, memory_format=mf)
