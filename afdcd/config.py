@@ -21,7 +21,7 @@ from common.errors import UserError
 from .afdcd import CONTRAST_MODES, GENERATORS, MASK_MODES, AfDCDLoss
 from .convert import load_imagenet_backbone, load_model
 from .distiller import SegDistiller
-from .models import MODEL_NAMES, create_model, feature_channels
+from .models import MODEL_NAMES, create_model
 
 METHODS = ("baseline", "kd", "afdcd")
 
@@ -63,6 +63,17 @@ class ModelConfig:
     teacher_checkpoint: str | None = None  # the CIRKD teacher (`deeplabv3_resnet101_<dataset>_best_model.pth`)
     student_init: str | None = None  # CSAIL ImageNet backbone (`resnet18-imagenet.pth` / `mobilenetv2-...`)
     aux: bool | None = None  # None: the official setting (ResNet models with aux head, MBV2 without)
+    width: float = 1.0  # ResNet channel width of the student (< 1: the smoke profile's CPU-sized networks only)
+    teacher_width: float = 1.0  # the same for a teacher trained here (a checkpoint says its own width)
+    sync_bn: bool = True  # student SyncBatchNorm under multi-GPU DDP (b.4); the teacher keeps plain BN in eval
+
+
+@dataclass
+class EvalConfig:
+    """Whole-image evaluation (spec d): scales whose upsampled logits are averaged, and horizontal flip."""
+
+    scales: list[float] = field(default_factory=lambda: [1.0])  # [1.0]: the assumed reporting (k.7)
+    flip: bool = False
 
 
 @dataclass
@@ -76,6 +87,9 @@ class DataConfig:
     selection_split: str = "val"  # where the best checkpoint is chosen (CamVid release: test, spec k.5)
     train_list: str | None = None
     eval_list: str | None = None
+    synthetic: bool = False  # write (once) and read a small learnable dataset in this layout at `root` (smoke)
+    synthetic_size: list[int] = field(default_factory=lambda: [64, 64])  # (height, width) of synthetic images
+    synthetic_images: list[int] = field(default_factory=lambda: [256, 64])  # train, and every other split
 
 
 def check_method(cfg: Any) -> MethodConfig:
@@ -100,6 +114,9 @@ def check_method(cfg: Any) -> MethodConfig:
 def check_model(cfg: Any) -> ModelConfig:
     m = validate(cfg, ModelConfig, "model.")
     check_choice("model.student", m.student, MODEL_NAMES)
+    for key in ("width", "teacher_width"):
+        if not 0 < getattr(m, key) <= 1:
+            raise UserError(f"config model.{key}={getattr(m, key)}: a channel width in (0, 1] (1 = spec c)")
     if m.teacher is not None:
         check_choice("model.teacher", m.teacher, MODEL_NAMES)
     for key in ("teacher_checkpoint", "student_init"):
@@ -116,16 +133,19 @@ def check_data(cfg: Any) -> DataConfig:
         check_choice(f"data.{key}", getattr(d, key), tuple(LAYOUTS[d.name].splits))
     if len(d.crop) != 2 or min(d.crop) < 8:
         raise UserError(f"config data.crop={d.crop}: (height, width), each >= 8")
+    if len(d.synthetic_size) != 2 or len(d.synthetic_images) != 2 or min(*d.synthetic_size, *d.synthetic_images) < 1:
+        raise UserError(f"config data.synthetic_size={d.synthetic_size}, data.synthetic_images="
+                        f"{d.synthetic_images}: two positive integers each")
     if not 1 <= d.num_classes <= LAYOUTS[d.name].num_classes:
         raise UserError(f"config data.num_classes={d.num_classes}: {d.name} has {LAYOUTS[d.name].num_classes}")
     return d
 
 
-def build_loss_module(student: str, teacher: str, loss: LossModuleConfig) -> AfDCDLoss:
+def build_loss_module(student_channels: int, teacher_channels: int, loss: LossModuleConfig) -> AfDCDLoss:
     kwargs = asdict(loss)
     kwargs["patch_size"] = tuple(kwargs["patch_size"])
     try:
-        return AfDCDLoss(feature_channels(student), feature_channels(teacher), **kwargs)
+        return AfDCDLoss(student_channels, teacher_channels, **kwargs)
     except ValueError as err:
         raise UserError(f"config method.loss: {err}") from None
 
@@ -138,7 +158,7 @@ def build_distiller(model: ModelConfig, method: MethodConfig, num_classes: int,
     its own teacher first, may ask for that (`model.teacher_checkpoint: null`).
     """
     with torch.device(device) if device is not None else nullcontext():
-        student = create_model(model.student, num_classes, model.aux)
+        student = create_model(model.student, num_classes, model.aux, model.width)
     if model.student_init:
         load_imagenet_backbone(student, model.student_init)
     if method.name == "baseline":
@@ -149,11 +169,11 @@ def build_distiller(model: ModelConfig, method: MethodConfig, num_classes: int,
         teacher = load_model(model.teacher_checkpoint, name=model.teacher, num_classes=num_classes)
     else:
         with torch.device(device) if device is not None else nullcontext():
-            teacher = create_model(model.teacher, num_classes)
+            teacher = create_model(model.teacher, num_classes, width=model.teacher_width)
     loss_module = None
     if method.name == "afdcd":
         with torch.device(device) if device is not None else nullcontext():
-            loss_module = build_loss_module(model.student, model.teacher, method.loss)
+            loss_module = build_loss_module(student.c4_channels, teacher.c4_channels, method.loss)
     return SegDistiller(student, teacher, loss_module, aux_weight=method.aux_weight,
                         kd_weight=method.kd_weight, kd_temperature=method.kd_temperature,
                         fm_weight=method.fm_weight, ctr_weight=method.ctr_weight)

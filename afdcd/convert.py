@@ -220,6 +220,15 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> tuple[str, int, bool
     return name, int(classes), aux
 
 
+def infer_width(state_dict: Mapping[str, Tensor], name: str) -> float:
+    """The channel width of a ResNet model (1 for every spec c network; < 1 for the smoke profile's small ones)."""
+    if "resnet" not in name:
+        return 1.0
+    sd = _unwrap(state_dict)
+    stem = sd.get("pretrained.conv1.weight", sd.get("backbone.conv1.0.weight"))
+    return 1.0 if stem is None or stem.shape[0] == 64 else stem.shape[0] / 64
+
+
 def load_model(source: str | Path | Mapping[str, Tensor], name: str | None = None,
                num_classes: int | None = None, aux: bool | None = None) -> DeepLabV3 | PSPNet:
     """An official or own segmentation checkpoint as our model (strict; mismatches are named).
@@ -234,7 +243,8 @@ def load_model(source: str | Path | Mapping[str, Tensor], name: str | None = Non
         raise UserError(f"{where} holds a {found_name} model, but {name} was asked for (spec c, g)")
     if num_classes is not None and num_classes != found_classes:
         raise UserError(f"{where} has {found_classes} classes, but the dataset has {num_classes}")
-    model = create_model(found_name, found_classes, found_aux if aux is None else aux)
+    model = create_model(found_name, found_classes, found_aux if aux is None else aux,
+                         infer_width(raw, found_name))
     sd = checkpoint_filter_fn(raw, model)
     if aux is False and found_aux:
         sd = OrderedDict((k, v) for k, v in sd.items() if not k.startswith("auxlayer."))
@@ -262,3 +272,35 @@ def load_imagenet_backbone(model: DeepLabV3 | PSPNet, source: str | Path | Mappi
                         "layout (conv1..bn3, layer1..4 or features.N) of spec c.1-c.2")
     model.backbone.load_state_dict(usable, strict=False)
     return [k for k in own if k not in usable]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m afdcd.convert SRC DST`: an official (or our) segmentation checkpoint -> what afdcd.eval reads."""
+    import argparse
+
+    from common.checkpoint import read_checkpoint, save_converted
+    from common.errors import cli_guard
+
+    @cli_guard
+    def convert(args: list[str] | None) -> Path:
+        p = argparse.ArgumentParser(prog="python -m afdcd.convert", description=main.__doc__)
+        p.add_argument("src", help="official Af-DCD/CIRKD .pth (teacher or student) or a checkpoint of ours")
+        p.add_argument("dst", help="output .pt: {'state_dict', 'origin', 'paper', 'source', 'arch'} (atomic)")
+        p.add_argument("--model", choices=MODEL_NAMES, help="refuse a file of another architecture")
+        p.add_argument("--num-classes", type=int, help="refuse a file with another class count")
+        a = p.parse_args(args)
+        if not Path(a.src).is_file():
+            raise UserError(f"no checkpoint at {a.src}")
+        obj, origin = read_checkpoint(a.src)
+        model = load_model(obj, name=a.model, num_classes=a.num_classes)
+        name, classes, aux = infer_architecture(extract_state_dict(obj))
+        out = save_converted(model.state_dict(), a.dst, "afdcd", a.src, origin,
+                             arch={"name": name, "num_classes": classes, "aux": aux, "width": model.width})
+        print(f"wrote {name} ({classes} classes, aux {aux}, {origin} weights) to {out}")
+        return Path(out)
+
+    convert(argv)
+
+
+if __name__ == "__main__":
+    main()

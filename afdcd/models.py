@@ -140,26 +140,38 @@ BACKBONES = {
 }
 
 
-def create_backbone(name: str) -> nn.Module:
-    """A timm features-only backbone at output stride 8 (random init; no download)."""
+def create_backbone(name: str, width: float = 1.0) -> nn.Module:
+    """A timm features-only backbone at output stride 8 (random init; no download).
+
+    `width` < 1 scales every ResNet width (stem and stages): the CPU smoke profile's small networks, the same
+    architecture otherwise. Tables and parameter counts use width 1.
+    """
     timm_name, kwargs, _, _ = BACKBONES[name]
+    if width != 1.0:
+        if not name.startswith("resnet"):
+            raise ValueError(f"model widths other than 1 are for the ResNet backbones, not {name}")
+        kwargs = {**kwargs, "stem_width": _scaled(64, width), "channels": tuple(_scaled(c, width)
+                                                                              for c in (64, 128, 256, 512))}
     return timm.create_model(timm_name, pretrained=False, features_only=True, output_stride=8, **kwargs)
 
 
+def _scaled(channels: int, width: float) -> int:
+    return max(4, int(round(channels * width)))
+
+
 class _SegModel(nn.Module):
-    def __init__(self, backbone: str, head: nn.Module, num_classes: int, aux: bool) -> None:
+    def __init__(self, backbone: str, head: nn.Module, num_classes: int, aux: bool, width: float = 1.0) -> None:
         super().__init__()
-        c3 = BACKBONES[backbone][2]
-        if aux and c3 is None:
+        if aux and BACKBONES[backbone][2] is None:
             raise ValueError(f"the {backbone} model has no aux head (spec c.3)")
-        self.backbone_name, self.num_classes = backbone, num_classes
-        self.backbone = create_backbone(backbone)
+        self.backbone_name, self.num_classes, self.width = backbone, num_classes, width
+        self.backbone = create_backbone(backbone, width)
         self.head = head
-        self.auxlayer = FCNHead(c3, num_classes) if aux else None
+        self.auxlayer = FCNHead(_c3(backbone, width), num_classes) if aux else None
 
     @property
     def c4_channels(self) -> int:
-        return BACKBONES[self.backbone_name][3]
+        return _c4(self.backbone_name, self.width)
 
     def forward_all(self, x: Tensor) -> SegOutputs:
         """Logits, aux logits (or None), c4 and head_feat, all at stride 8 (the official output list)."""
@@ -175,27 +187,41 @@ class _SegModel(nn.Module):
         return self.head(feats[-1])[0]
 
 
+def _c3(backbone: str, width: float) -> int:
+    c3 = BACKBONES[backbone][2]
+    return c3 if width == 1.0 or c3 is None else _scaled(c3, width)
+
+
+def _c4(backbone: str, width: float) -> int:
+    c4 = BACKBONES[backbone][3]
+    return c4 if width == 1.0 else _scaled(c4, width)
+
+
 class DeepLabV3(_SegModel):
     """DeepLabV3 (c.3): ASPP head of width 128 (C4 512/320) or 256 (C4 2048), optional FCN aux head on c3."""
 
-    def __init__(self, backbone: str, num_classes: int, aux: bool = True) -> None:
-        cin = BACKBONES[backbone][3]
-        super().__init__(backbone, DeepLabHead(cin, num_classes, 256 if cin == 2048 else 128), num_classes, aux)
+    def __init__(self, backbone: str, num_classes: int, aux: bool = True, width: float = 1.0) -> None:
+        head_width = 256 if BACKBONES[backbone][3] == 2048 else 128
+        head = DeepLabHead(_c4(backbone, width), num_classes, _scaled(head_width, width))
+        super().__init__(backbone, head, num_classes, aux, width)
 
 
 class PSPNet(_SegModel):
     """PSPNet (c.3): pyramid pooling head of width 128 (C4 512) or 512 (C4 2048), optional FCN aux head."""
 
-    def __init__(self, backbone: str, num_classes: int, aux: bool = True) -> None:
-        cin = BACKBONES[backbone][3]
-        super().__init__(backbone, PSPHead(cin, num_classes, 512 if cin == 2048 else 128), num_classes, aux)
+    def __init__(self, backbone: str, num_classes: int, aux: bool = True, width: float = 1.0) -> None:
+        head_width = 512 if BACKBONES[backbone][3] == 2048 else 128
+        super().__init__(backbone, PSPHead(_c4(backbone, width), num_classes, _scaled(head_width, width)),
+                         num_classes, aux, width)
 
 
 MODEL_NAMES = ("deeplabv3_resnet101", "deeplabv3_resnet18", "deeplabv3_mobilenetv2", "pspnet_resnet18")
 
 
-def create_model(name: str, num_classes: int, aux: bool | None = None) -> DeepLabV3 | PSPNet:
-    """A §c model by name; `aux` defaults to True for ResNet models (the official setting) and False for MBV2."""
+def create_model(name: str, num_classes: int, aux: bool | None = None, width: float = 1.0) -> DeepLabV3 | PSPNet:
+    """A §c model by name; `aux` defaults to True for ResNet models (the official setting) and False for MBV2.
+
+    `width` < 1 (ResNet models, smoke profile only) scales every channel count of backbone and heads."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model '{name}'; valid names: {', '.join(MODEL_NAMES)}")
     if num_classes < 1:
@@ -204,9 +230,9 @@ def create_model(name: str, num_classes: int, aux: bool | None = None) -> DeepLa
     if aux is None:
         aux = BACKBONES[backbone][2] is not None
     cls = DeepLabV3 if family == "deeplabv3" else PSPNet
-    return cls(backbone, num_classes, aux)
+    return cls(backbone, num_classes, aux, width)
 
 
-def feature_channels(name: str) -> int:
-    """C of the distilled `c4` map of a model (b.0): 2048 / 512 / 320."""
-    return BACKBONES[name.split("_", 1)[1]][3]
+def feature_channels(name: str, width: float = 1.0) -> int:
+    """C of the distilled `c4` map of a model (b.0): 2048 / 512 / 320 (at width 1)."""
+    return _c4(name.split("_", 1)[1], width)

@@ -85,6 +85,7 @@ class ScheduleName(StrEnum):
     step = "step"
     multistep = "multistep"
     constant = "constant"
+    poly = "poly"  # lr * (1 - t / T)^power over the whole run (segmentation recipes)
 
 
 class WandbMode(StrEnum):
@@ -126,6 +127,7 @@ class ScheduleConfig:
     decay_epochs: float = 30.0  # step
     milestones: list[int] = field(default_factory=list)  # multistep: the lr drops at the start of these epochs
     decay_rate: float = 0.1
+    power: float = 0.9  # poly
     per_step: bool = True  # update the lr every optimizer step (else at epoch boundaries)
     warmup_prefix: bool = False  # False (timm/DeiT): the decay curve counts the warmup epochs; True: starts after
 
@@ -133,11 +135,14 @@ class ScheduleConfig:
         if self.warmup_epochs < 0 or self.decay_epochs <= 0:
             raise UserError(f"config schedule.warmup_epochs={self.warmup_epochs}, schedule.decay_epochs="
                             f"{self.decay_epochs}: warmup must not be negative, decay_epochs must be positive")
+        if self.power <= 0:
+            raise UserError(f"config schedule.power={self.power}: the poly power must be positive")
 
 
 @dataclass
 class TrainerConfig:
     epochs: int = 100
+    iterations: int | None = None  # iteration budget: this many optimizer steps (epochs follow); reaching it = complete
     global_batch: int = 256
     max_device_batch: int | None = None  # cap per device; the rest is gradient accumulation
     eval_batch: int | None = None  # per-device evaluation batch (None: the training per-device batch)
@@ -155,6 +160,7 @@ class TrainerConfig:
     log_every: int = 50
     ckpt_every_steps: int = 0  # 0: only at epoch ends (and on SIGTERM)
     eval_every: int = 1  # epochs
+    eval_every_steps: int = 0  # evaluate every N optimizer steps instead of at epoch ends (0: off)
     max_steps: int | None = None  # stop after this many optimizer steps (tests, quick looks): not complete
     selection: Selection = Selection.last
     seed: int = 0
@@ -166,11 +172,11 @@ class TrainerConfig:
         for key in ("epochs", "global_batch", "log_every", "eval_every"):
             if getattr(self, key) < 1:
                 raise UserError(f"config trainer.{key}={getattr(self, key)}: must be at least 1")
-        for key in ("max_device_batch", "max_steps", "eval_batch"):
+        for key in ("max_device_batch", "max_steps", "eval_batch", "iterations"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise UserError(f"config trainer.{key}={value}: must be at least 1 (or null)")
-        for key in ("workers", "ckpt_every_steps", "precise_bn_batches"):
+        for key in ("workers", "ckpt_every_steps", "precise_bn_batches", "eval_every_steps"):
             if getattr(self, key) < 0:
                 raise UserError(f"config trainer.{key}={getattr(self, key)}: must not be negative")
 

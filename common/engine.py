@@ -23,9 +23,11 @@ agreed by every rank, and the run's `result.json` (`common.results.ResultRecord`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,11 +168,12 @@ def resolve_channels_last(flag: str, device: torch.device) -> bool:
     return flag == "on" or (flag == "auto" and device.type == "cuda")
 
 
-def eval_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int = 2) -> DataLoader:
-    """A loader that shows every sample exactly once over all ranks."""
+def eval_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int = 2,
+                collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+    """A loader that shows every sample exactly once over all ranks (`collate_fn`: e.g. images of several sizes)."""
     sampler = ResumableSampler(len(dataset), env.rank, env.world_size, shuffle=False, pad=False)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=env.device.type == "cuda")
+                      pin_memory=env.device.type == "cuda", collate_fn=collate_fn)
 
 
 def build_optimizer(params_or_model: Any, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
@@ -193,11 +196,20 @@ def build_optimizer(params_or_model: Any, cfg: OptimConfig, global_batch: int) -
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int,
-                    steps_per_epoch: int) -> Any | None:
-    """A timm LR scheduler driven per optimizer step (or per epoch), with warmup; None for constant."""
+                    steps_per_epoch: int, total_steps: int | None = None) -> Any | None:
+    """A timm LR scheduler driven per optimizer step (or per epoch), with warmup; None for constant.
+
+    `total_steps` (an iteration budget, per-step schedules): the decay spans exactly that many steps
+    instead of `epochs * steps_per_epoch` (poly: step i of I uses lr * (1 - i / I)^power).
+    """
     from timm.scheduler import create_scheduler_v2
 
     name = str(cfg.name)
+    if total_steps is not None and cfg.per_step:  # count in steps: one "epoch" of one update each
+        scale = float(steps_per_epoch)
+        cfg = dataclasses.replace(cfg, warmup_epochs=cfg.warmup_epochs * scale, decay_epochs=cfg.decay_epochs * scale,
+                                  milestones=[round(m * scale) for m in cfg.milestones])
+        epochs, steps_per_epoch = total_steps, 1
     # Milestones mean what torch's MultiStepLR means: the lr drops at the start of epoch m. timm drops
     # when t + 1 >= milestone, one unit early, so each milestone is moved half a unit later.
     half = 0.5 if not cfg.per_step else 0.5 / max(steps_per_epoch, 1)
@@ -210,7 +222,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epoch
         num_epochs=epochs,
         decay_epochs=cfg.decay_epochs if name != "constant" else 10**9,
         decay_milestones=milestones,
-        decay_rate=cfg.decay_rate if name != "constant" else 1.0,
+        decay_rate=cfg.power if name == "poly" else cfg.decay_rate if name != "constant" else 1.0,
         min_lr=cfg.min_lr,
         warmup_lr=cfg.warmup_lr,
         warmup_epochs=cfg.warmup_epochs,
@@ -279,6 +291,7 @@ class Trainer:
         heldout_set: Dataset | None = None,
         hooks: Sequence[Hook] = (),
         params: Any = None,
+        clip_params: Iterable[nn.Parameter] | None = None,
         logger: RunLogger | None = None,
         logger_cfg: LoggerConfig | None = None,
         config_dict: Mapping[str, Any] | None = None,
@@ -322,10 +335,16 @@ class Trainer:
                 f"the training set has {len(train_set)} samples, fewer than one global batch of "  # type: ignore[arg-type]
                 f"{trainer.global_batch}; lower trainer.global_batch"
             )
-        self.total_steps = self.steps_per_epoch * trainer.epochs
+        # An iteration budget fixes the number of steps; the epochs follow (the last one may be partial).
+        self.epochs = (math.ceil(trainer.iterations / self.steps_per_epoch) if trainer.iterations is not None
+                       else trainer.epochs)
+        self.total_steps = trainer.iterations or self.steps_per_epoch * self.epochs
 
         self.optimizer = build_optimizer(params if params is not None else self.method, optim, trainer.global_batch)
-        self.scheduler = build_scheduler(self.optimizer, schedule, trainer.epochs, self.steps_per_epoch)
+        # trainer.clip_grad clips these parameters only (a method that clips one part, e.g. a loss module)
+        self.clip_params = list(clip_params) if clip_params is not None else None
+        self.scheduler = build_scheduler(self.optimizer, schedule, self.epochs, self.steps_per_epoch,
+                                         trainer.iterations)
         self.per_step_schedule = schedule.per_step
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = None
@@ -369,7 +388,7 @@ class Trainer:
             "best": dict(self.best),
             "best_epoch": self.best_epoch,
             "history": list(self.history),
-            "trainer": {"global_batch": self.cfg.global_batch, "seed": self.cfg.seed, "epochs": self.cfg.epochs},
+            "trainer": {"global_batch": self.cfg.global_batch, "seed": self.cfg.seed, "epochs": self.epochs},
         }
 
     def _gather_rng(self) -> Any:
@@ -419,7 +438,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     def _progress(self) -> Progress:
-        return Progress(self.epoch, self.cfg.epochs, self.global_step, self.micro // self.plan.accum_steps,
+        return Progress(self.epoch, self.epochs, self.global_step, self.micro // self.plan.accum_steps,
                         self.steps_per_epoch)
 
     def _loader(self, epoch: int, sampler: ResumableSampler, seed: int) -> DataLoader:
@@ -492,7 +511,8 @@ class Trainer:
             restore_rng_state(rng)
 
     def _score(self, dataset: Dataset) -> dict[str, float]:
-        loader = eval_loader(dataset, self.cfg.eval_batch or self.plan.per_device, self.env, self.cfg.workers)
+        loader = eval_loader(dataset, self.cfg.eval_batch or self.plan.per_device, self.env, self.cfg.workers,
+                             getattr(self.task, "collate", None))
         ctx = EvalContext(self.env, self.amp_dtype, self.channels_last)
         metrics = self.task.evaluate(self.model, loader, ctx)
         if self.ema is not None:
@@ -520,9 +540,10 @@ class Trainer:
         t_log = time.time()
         last_metrics: dict[str, float] = dict(self.history[-1]) if self.history else {}
         last_metrics.pop("epoch", None)
-        stopped = False
+        stopped = budget_done = False
+        evaluated_at = -1  # the step of the last evaluation
         with StopSignal() as stop:
-            while self.epoch < cfg.epochs:
+            while self.epoch < self.epochs:
                 for hook in self.hooks:
                     hook.on_epoch_start(self._progress())
                 if self.scheduler is not None and not self.per_step_schedule:
@@ -572,16 +593,27 @@ class Trainer:
                                          "resume with trainer.resume=auto")
                         self.logger.close()
                         raise SystemExit(143)
+                    budget_done = self.global_step >= self.total_steps
+                    if cfg.eval_every_steps and self.global_step % cfg.eval_every_steps == 0 and not budget_done:
+                        last_metrics, evaluated_at = self._evaluate_and_select(), self.global_step
+                        self.method.train()
+                    if budget_done:
+                        break
                     if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
                         stopped = True
                         break
                 if self.micro // accum >= self.steps_per_epoch:  # a finished epoch
                     self.epoch += 1
                     self.micro = 0
-                if stopped or self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
+                final = stopped or budget_done or self.epoch == self.epochs
+                if cfg.eval_every_steps:
+                    due = final and evaluated_at != self.global_step
+                else:
+                    due = final or self.epoch % cfg.eval_every == 0
+                if due:
                     last_metrics = self._evaluate_and_select()
                 self.save()
-                if stopped:
+                if stopped or budget_done:
                     break
         return self._finish(last_metrics, complete=not stopped and self.global_step >= self.total_steps)
 
@@ -593,7 +625,7 @@ class Trainer:
         self.history.append({"epoch": self.epoch, **metrics})
         logged = {f"val/{k}" if "/" not in k else k: v for k, v in metrics.items()}
         self.logger.log({"epoch": self.epoch, **logged, **self._log_values()}, step=self.global_step)
-        self.logger.info(f"epoch {self.epoch}/{self.cfg.epochs} step {self.global_step} " +
+        self.logger.info(f"epoch {self.epoch}/{self.epochs} step {self.global_step} " +
                          " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.count("/") <= 1))
         if is_best:
             self.best_epoch = self.epoch
@@ -627,8 +659,10 @@ class Trainer:
     def _optimizer_step(self) -> None:
         if self.cfg.clip_grad:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.clip_grad)
+            params = self.clip_params
+            if params is None:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ segmentation and skeleton papers add their own task next to these two.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -212,3 +212,88 @@ class RegressionTask:
             return {}
         order = index.argsort()
         return self.score(pred[order], target[order], index[order], loader.dataset)
+
+
+# --------------------------------------------------------------------------------------------------
+# Semantic segmentation
+# --------------------------------------------------------------------------------------------------
+
+
+def collate_segmentation(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, Any]:
+    """Evaluation batches of whole images: stacked when all have one size, else lists (one image each)."""
+    images, labels = zip(*batch)
+    if all(i.shape == images[0].shape for i in images) and all(t.shape == labels[0].shape for t in labels):
+        return torch.stack(images), torch.stack(labels)
+    return list(images), list(labels)
+
+
+class SegmentationTask:
+    """Images and label maps (void = any negative value or `ignore_index`); mIoU over the whole split selects.
+
+    Losses come from the method's `forward_train(images, labels)` (cross-entropy with the ignore value is the
+    method's). Evaluation scores whole images at full resolution: the network's logits, bilinearly upsampled
+    to the label size, averaged over `scales` (the image resized by each factor) and, with `flip`, the
+    mirrored image, then arg-maxed. The confusion matrix is summed over the split and over ranks, each image
+    counted once; `absent_as_zero` averages the IoU over all classes, a class absent from labels and
+    predictions counting 0 (the official mIoU of the segmentation distillation code bases), else over the
+    classes present.
+    """
+
+    primary = "mIoU"
+    higher_is_better = True
+    collate = staticmethod(collate_segmentation)
+
+    def __init__(self, num_classes: int, ignore_index: int = -1, scales: Sequence[float] = (1.0,),
+                 flip: bool = False, align_corners: bool = True, absent_as_zero: bool = True) -> None:
+        if not scales or min(scales) <= 0:
+            raise UserError(f"evaluation scales {list(scales)}: give one or more positive factors")
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.scales, self.flip = tuple(scales), flip
+        self.align_corners, self.absent_as_zero = align_corners, absent_as_zero
+
+    def losses(self, method: nn.Module, batch: Any) -> Losses:
+        images, labels = batch
+        return method.forward_train(images, labels)[1]
+
+    def inputs(self, batch: Any) -> Any:
+        return batch[0]
+
+    def predict(self, model: nn.Module, images: torch.Tensor, size: tuple[int, int],
+                ctx: EvalContext | None = None) -> torch.Tensor:
+        """(B, C, *size) float32 logits summed over scales (and flips), at the label resolution."""
+        device = ctx.env.device if ctx is not None else images.device
+        amp = ctx.amp_dtype if ctx is not None else None
+        total = None
+        for s in self.scales:
+            x = images if s == 1.0 else F.interpolate(images, scale_factor=s, mode="bilinear",
+                                                      align_corners=self.align_corners)
+            views = [x, x.flip(-1)] if self.flip else [x]
+            for i, v in enumerate(views):
+                with autocast(device, amp):
+                    out = model(v)
+                out = F.interpolate(out.float(), size, mode="bilinear", align_corners=self.align_corners)
+                out = out.flip(-1) if i else out
+                total = out if total is None else total + out
+        assert total is not None
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, ctx: EvalContext) -> dict[str, float]:
+        from common.metrics import ConfusionMatrix
+
+        was_training = model.training
+        model.eval()
+        cm = ConfusionMatrix(self.num_classes, self.ignore_index, ctx.env.device)
+        for images, labels in progress(loader, total=len(loader), desc="eval",
+                                       enabled=ctx.show_progress and ctx.env.is_main):
+            pairs = zip(images, labels) if isinstance(images, list) else [(images, labels)]
+            for img, lab in pairs:
+                if img.dim() == 3:
+                    img, lab = img[None], lab[None]
+                img = to_device(img, ctx.env.device, ctx.channels_last)
+                lab = lab.to(ctx.env.device, non_blocking=True)
+                cm.update(self.predict(model, img, tuple(lab.shape[-2:]), ctx).argmax(1), lab)
+        model.train(was_training)
+        cm.sync(all_reduce_sum)
+        out = cm.compute(self.absent_as_zero)
+        return {"mIoU": out["mIoU"], "pixAcc": out["aAcc"], "mAcc": out["mAcc"]}

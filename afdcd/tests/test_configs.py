@@ -62,7 +62,7 @@ def test_camvid_selection_switch_and_smoke_profile():
     fixed = compose(CONFIGS, ["experiment=camvid_pspnet_resnet18_afdcd", "data.selection_split=val"])
     assert check_data(fixed.data).selection_split == "val"
     smoke = compose(CONFIGS, ["experiment=cityscapes_deeplabv3_resnet18_afdcd", "profile=smoke"])
-    assert smoke.data.crop == [48, 48] and smoke.method.loss.mask == "centre"  # sizes change, the method not
+    assert smoke.data.crop == [64, 64] and smoke.method.loss.mask == "centre"  # sizes change, the method not
 
 
 @pytest.mark.parametrize("override,match", [

@@ -1,0 +1,173 @@
+"""`make bench-afdcd`: what Af-DCD costs, side by side with CE + KD in one run (``common.bench``).
+
+1. Training: an Af-DCD step (student forward/backward, frozen teacher forward, align + generator + L_fm + L_ctr,
+   loss-module clipping, SGD step) against the CE + KD step of the same student, teacher, crop and batch, and
+   the contrastive term alone (forward + backward on maps of the step's shapes).
+2. Inference: the student as Af-DCD deploys it against the baseline student (the loss module never ships).
+
+    python -m afdcd.bench                                  # CPU defaults: crop 128x256, batch 2
+    python -m afdcd.bench device=cuda crop=512,1024 batch=2    # the recipe's per-GPU batch at the Cityscapes crop
+    python -m afdcd.bench row=cityscapes_deeplabv3_resnet18_afdcd   # the enhanced generator (~5.1x MACs)
+
+It prints time, peak memory and MACs, and the two ratios the issue sets: the Af-DCD / CE + KD step time against
+the MAC ratio of the two steps (a training step = 3 x the forward MACs of the trained parts + the teacher
+forward), and the contrastive term's share of the Af-DCD step. Every ``common.bench`` key works (``device``,
+``threads``, ``repeats``, ``warmup``, ``modes``, ``memory``, ``macs``). GPU: bf16 autocast, channels_last.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from common.bench import BENCH_DEFAULTS, Candidate, amp_dtype, bench_config, compare, describe, print_table, ratio
+from common.cli import parse_overrides, split_list
+from common.errors import UserError, cli_guard
+from common.profiling import count_flops
+
+from .afdcd import AfDCDLoss, dense_contrastive_loss
+from .distiller import SegDistiller
+from .models import create_model
+
+DEFAULTS: dict[str, Any] = {**BENCH_DEFAULTS, "row": "cityscapes_deeplabv3_mobilenetv2_afdcd", "batch": 2,
+                            "crop": "auto", "classes": 19}
+GENERATORS = {"cityscapes_deeplabv3_resnet18_afdcd": "enhanced"}
+
+
+def train_step(method: SegDistiller, x: torch.Tensor, y: torch.Tensor, clip: float | None) -> Any:
+    """One recipe step (b.4): summed weighted losses, backward, loss-module clipping, SGD-momentum step."""
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9, weight_decay=1e-4)
+    dtype = amp_dtype(x.device)
+    clipped = method.clip_parameters()
+
+    def step() -> None:
+        method.train()
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            _, losses = method.forward_train(x, y)
+        sum(losses.values()).backward()
+        if clip and clipped:
+            torch.nn.utils.clip_grad_norm_(clipped, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def contrastive_step(loss: AfDCDLoss, g: torch.Tensor, t: torch.Tensor) -> Any:
+    """L_ctr alone on the step's reconstructed and teacher maps: reduce, partition, -L1/tau, backward."""
+    dtype = amp_dtype(g.device)
+
+    def step() -> None:
+        g.grad = None
+        with torch.autocast(g.device.type, dtype=dtype, enabled=dtype is not None):
+            value = dense_contrastive_loss(loss.reduce(g), loss.reduce(t), loss.groups, loss.patch_size, loss.tau,
+                                           loss.contrast)
+        value.backward()
+
+    return step
+
+
+class _Infer(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@cli_guard
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    opts, _ = parse_overrides(sys.argv[1:] if argv is None else argv, DEFAULTS, "afdcd.bench", __doc__ or "")
+    rows = {r["id"]: r for r in yaml.safe_load((Path(__file__).parent / "paper.yaml").read_text())["rows"]}
+    row = rows.get(opts["row"])
+    if row is None or row.get("role") != "afdcd":
+        raise UserError(f"afdcd.bench: row={opts['row']}: choose an afdcd row of afdcd/paper.yaml")
+    cfg = bench_config(opts)
+    device, batch, nc = cfg.device, int(opts["batch"]), int(opts["classes"])
+    crop = (512, 1024) if device.type == "cuda" else (128, 256)
+    if opts["crop"] != "auto":
+        crop = tuple(int(v) for v in split_list(str(opts["crop"])))  # type: ignore[assignment]
+        if len(crop) != 2 or crop[0] % 128 or crop[1] % 128:
+            raise UserError(f"afdcd.bench: crop={opts['crop']}: height,width, multiples of 128 (stride 8, max-pool 4, "
+                            "4x4 patches)")
+    if batch < 2:
+        raise UserError(f"afdcd.bench: batch={batch}: a training step needs >= 2 images (the ASPP image-pooling BN "
+                        "sees one value per channel per image; the recipe runs 2 per GPU)")
+    mf = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, *crop).to(device, memory_format=mf)
+    y = torch.randint(0, nc, (batch, *crop), device=device)
+
+    def prepare(m: nn.Module) -> nn.Module:
+        return m.to(device=device, memory_format=mf)
+
+    student_name, teacher_name = row["model"], row["teacher"]
+    teacher = prepare(create_model(teacher_name, nc))
+    kd = prepare(SegDistiller(create_model(student_name, nc), teacher))
+    loss = AfDCDLoss(kd.student.c4_channels, teacher.c4_channels, generator=GENERATORS.get(row["id"], "plain"))
+    afdcd = prepare(SegDistiller(create_model(student_name, nc), teacher, loss, fm_weight=2e-6, ctr_weight=5e-3))
+    baseline = prepare(create_model(student_name, nc))
+    h, w = crop[0] // 8, crop[1] // 8
+    g = torch.randn(batch, teacher.c4_channels, h, w, device=device, requires_grad=True)
+    t = torch.randn(batch, teacher.c4_channels, h, w, device=device)
+    candidates = [
+        Candidate("CE+KD step", kd.student, {"train": train_step(kd, x, y, None)}, batch),
+        Candidate("Af-DCD step", afdcd.student, {"train": train_step(afdcd, x, y, 15.0)}, batch),
+        Candidate("contrastive term", loss, {"train": contrastive_step(afdcd.loss_module, g, t)}, batch),
+        Candidate("baseline student", baseline, {"infer": _infer(baseline, x)}, batch),
+        Candidate("Af-DCD student", afdcd.student, {"infer": _infer(afdcd.eval_model(), x)}, batch),
+    ]
+    macs = None
+    if cfg.macs:  # per image at the crop: forward MACs of each part
+        one = torch.zeros(1, 3, *crop, device=device)
+        fs = torch.zeros(1, kd.student.c4_channels, h, w, device=device)
+        ft = torch.zeros(1, teacher.c4_channels, h, w, device=device)
+        macs = {"student": count_flops(_Infer(kd.student), one)["macs"],
+                "teacher": count_flops(_Infer(teacher), one)["macs"],
+                "loss module": count_flops(afdcd.loss_module, (fs, ft))["macs"]}
+    print(f"Af-DCD bench ({row['id']}): {teacher_name} -> {student_name}, {GENERATORS.get(row['id'], 'plain')} "
+          "generator, "
+          f"crop {crop[0]}x{crop[1]}, batch {batch}, {nc} classes, {describe(cfg)}")
+    records = compare(candidates, cfg)
+    print_table(records, baseline="CE+KD step" if "train" in cfg.modes else "baseline student")
+    if macs is not None:
+        kd_step = 3 * macs["student"] + macs["teacher"]
+        af_step = kd_step + 3 * macs["loss module"]
+        print(f"GMACs per image: student {macs['student'] / 1e9:.1f}, teacher {macs['teacher'] / 1e9:.1f}, "
+              f"align + generator {macs['loss module'] / 1e9:.1f}; training step (3 x trained forward + teacher): "
+              f"CE+KD {kd_step / 1e9:.0f}, Af-DCD {af_step / 1e9:.0f} -> MAC ratio {af_step / kd_step:.2f}x")
+    if "train" in cfg.modes:
+        time_ratio = ratio(records, "train", "Af-DCD step", "CE+KD step")
+        share = ratio(records, "train", "contrastive term", "Af-DCD step")
+        line = f"Af-DCD / CE+KD step time {time_ratio:.2f}x"
+        if macs is not None:
+            met = "met" if time_ratio <= af_step / kd_step else "NOT met"
+            line += f" (target <= the MAC ratio {af_step / kd_step:.2f}x: {met})"
+        print(line + f"; contrastive term {100 * share:.1f}% of the Af-DCD step (target <= 5%: "
+              f"{'met' if share <= 0.05 else 'NOT met'})")
+    if "infer" in cfg.modes:
+        print(f"inference: Af-DCD student / baseline student time "
+              f"{ratio(records, 'infer', 'Af-DCD student', 'baseline student'):.2f}x (same network, target 1.00x)")
+    return records
+
+
+def _infer(model: nn.Module, x: torch.Tensor) -> Any:
+    dtype = amp_dtype(x.device)
+
+    def step() -> None:
+        model.eval()
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            model(x)
+
+    return step
+
+
+if __name__ == "__main__":
+    main()
