@@ -13,6 +13,7 @@ Every run prints and records its viewed samples (optimizer steps x global batch,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,14 +184,39 @@ def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset]:
         write_synthetic_imagefolder(cfg.root, cfg.num_classes, cfg.train_per_class, cfg.val_per_class,
                                     image_size=max(cfg.image_size, 32), seed=0)
     t, e = cfg.train, cfg.eval
+    auto_augment, magnitude = _rand_augment(t.auto_augment)
     train_tf = build_transforms("imagenet", True, cfg.image_size, interpolation=t.interpolation, hflip=t.hflip,
-                                auto_augment=t.auto_augment, re_prob=t.reprob, re_mode=t.remode, color_jitter=None)
+                                auto_augment=auto_augment, re_prob=t.reprob, re_mode=t.remode, color_jitter=None)
+    if magnitude is not None:
+        _set_rand_magnitude(train_tf, magnitude)
     eval_tf = build_transforms("imagenet", False, e.crop, interpolation=e.interpolation, crop_pct=e.crop / e.resize)
     train_set, val_set = ImageFolder(cfg.root, "train", train_tf), ImageFolder(cfg.root, "val", eval_tf)
     if len(train_set.classes) != cfg.num_classes:
         raise UserError(f"{cfg.root}/train has {len(train_set.classes)} class folders but data.num_classes="
                         f"{cfg.num_classes}; point data.root at the right folder or set data.num_classes")
     return train_set, val_set
+
+
+def _rand_augment(spec: str | None) -> tuple[str | None, float | None]:
+    """timm parses RandAugment's `m` as an integer; mmcls' M/total on timm's 0-10 scale is fractional
+    (7/8 -> 8.75, d.2). Returns the string with an integer placeholder and the magnitude to set."""
+    if not spec or not spec.startswith("rand"):
+        return spec, None
+    m = re.search(r"-m(\d+(?:\.\d+)?)", spec)
+    if m is None or float(m.group(1)).is_integer():
+        return spec, None
+    return spec.replace(m.group(0), "-m9"), float(m.group(1))
+
+
+def _set_rand_magnitude(transform: Any, magnitude: float) -> None:
+    """Set every RandAugment op's magnitude (timm `AugmentOp.magnitude`, a float internally)."""
+    from timm.data.auto_augment import RandAugment
+
+    found = [op for t in getattr(transform, "transforms", []) if isinstance(t, RandAugment) for op in t.ops]
+    if not found:
+        raise UserError("data.train.auto_augment: no RandAugment in the training transform to set the magnitude")
+    for op in found:
+        op.magnitude = magnitude
 
 
 # --------------------------------------------------------------------------------------------------
