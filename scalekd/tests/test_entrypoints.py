@@ -95,7 +95,7 @@ def test_bad_input_missing_imagenet_root_exits_2_in_one_line(tmp_path: Path) -> 
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                             env={"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2, result.stderr[-2000:]
-    assert str(missing) in result.stderr and "train/" in result.stderr
+    assert str(missing) in result.stderr and "{train,val}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()  # nothing written
 
