@@ -36,7 +36,7 @@ from common.config import (
     validate,
 )
 from common.data import ImageFolder, build_transforms, write_synthetic_imagefolder
-from common.dist import DistEnv, cleanup, init_distributed
+from common.dist import cleanup, init_distributed
 from common.engine import Hook, RunInfo, Trainer, eval_loader
 from common.errors import UserError
 from common.tasks import ClassificationTask, evaluate
