@@ -77,8 +77,8 @@ def test_experiment_fits_the_typed_schemas(row: dict) -> None:
 def test_no_decay_keys_reach_the_optimizer_groups() -> None:
     """AdamW rows: no weight decay on 1-D params and on *.pos_embed, the CAPs' included (d.2); others decay."""
     from common.engine import build_optimizer
-    from scalekd.train import build_method, parse
     from scalekd.tests.smoke_models import CAPS, STUDENT, TEACHER
+    from scalekd.train import build_method, parse
 
     r = parse(compose(CONFIG_DIR, ["experiment=swinl_vit_s16", "profile=smoke", *TEACHER, *STUDENT, *CAPS]))
     assert r.no_decay_keys == ["pos_embed", "cls_token", "absolute_pos_embed", "relative_position_bias_table"]
