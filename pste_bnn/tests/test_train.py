@@ -84,16 +84,16 @@ def test_sigterm_exits_143_then_resume_finishes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["data=cifar10", "data.root=/nonexistent/cifar"], "/nonexistent/cifar"),
-    (["data=imagenet", "data.root=null", "model.num_classes=1000"], "data.root is not set"),
-    (["data.name=svhn"], "data.name='svhn'"),
-    (["schedule.name=cosine"], "schedule.name=cosine"),
-    (["model.num_classes=100"], "model.num_classes=100"),
-    (["method=sparks"], "step-1 checkpoint"),
+    (["data=cifar10", "model=cifar_birealnet8", "data.root=/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["data.root=null"], "data.root is not set"),
+    (["profile=smoke", "data.name=svhn"], "data.name='svhn'"),
+    (["profile=smoke", "schedule.name=cosine"], "schedule.name=cosine"),
+    (["profile=smoke", "model.num_classes=100"], "model.num_classes=100"),
+    (["profile=smoke", "method=sparks"], "step-1 checkpoint"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(UserError, match=message.replace("(", r"\(")) as err:
-        _run(tmp_path, "bad", overrides)
+        run(compose(CONFIG_DIR, [f"output_dir={tmp_path}", *overrides]))
     assert "\n" not in str(err.value)
 
 
