@@ -160,6 +160,17 @@ class AccountAndExport(Hook):
             atomic_save({"layers": layers, "tau": tau, "model": self.run.model.name}, self.out / "export.pt")
 
 
+def step1_metrics(path: str) -> dict[str, float]:
+    """The evaluation metrics stored in our step-1 `best.pt` (empty for an official file)."""
+    from common.checkpoint import load_checkpoint
+
+    try:
+        state = load_checkpoint(path)
+    except UserError:
+        return {}
+    return {k: float(v) for k, v in (state.get("metrics") or {}).items()} if isinstance(state, dict) else {}
+
+
 def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     """Train one step of one row; returns the final metrics (also in result.json) and the run directory."""
     r = parse(cfg)
@@ -184,6 +195,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
                                                                  "tau": r.method.tau, "step": r.method.step}})
     trainer.hooks += [EpochStartLinearDecay(trainer), SelectionHooks(method, out, env),
                       AccountAndExport(method, r, out, env)]
+    if r.method.step == 2:  # step 2 records where it started and that step's accuracy (d.1)
+        trainer.record_extra["step1_checkpoint"] = r.method.init_checkpoint
+        trainer.record_extra["step1_metrics"] = step1_metrics(str(r.method.init_checkpoint))
     metrics = trainer.fit()
     cleanup()
     return metrics, out

@@ -40,6 +40,7 @@ def test_step2_from_step1_writes_record_accounting_and_export(step1: Path, tmp_p
                                             "trainer.max_steps=3"])
     record = json.loads((out / "result.json").read_text())
     assert record["kind"] == "trained" and record["data"] == "synthetic" and record["profile"] == "smoke"
+    assert record["extra"]["step1_metrics"]["top1"] == torch.load(step1, weights_only=True)["metrics"]["top1"]
     acc = record["extra"]["accounting"]
     assert acc["tau"] == (9 if variant == "bnn" else 2) and acc["size_bits"] > 0 and acc["bops_subbit"] > 0
     export = torch.load(out / "export.pt", weights_only=True)
