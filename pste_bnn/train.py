@@ -139,6 +139,20 @@ class SelectionHooks(Hook):
         extra["selected_ids"] = {k: v["ids"] for k, v in log.items()}
 
 
+class SNNRandomPerStep(Hook):
+    """SNN step 2: Python's `random` (the official draws of replacement codewords, b.10) reseeded from
+    (seed, step) before every step, so every DDP rank replaces duplicates by the same codewords (each rank's
+    global stream is seeded seed + rank) and a resumed run draws what an uninterrupted one did."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_step_start(self, progress: Progress) -> None:
+        import random
+
+        random.seed(self.seed * 1_000_003 + progress.step)
+
+
 class AccountAndExport(Hook):
     """After training: size / BOPs of the trained row (b.12) into the record; step 2 writes `export.pt` (b.9)."""
 
@@ -195,6 +209,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
                                                                  "tau": r.method.tau, "step": r.method.step}})
     trainer.hooks += [EpochStartLinearDecay(trainer), SelectionHooks(method, out, env),
                       AccountAndExport(method, r, out, env)]
+    if r.method.quantizer == "snn":
+        trainer.hooks.append(SNNRandomPerStep(r.trainer.seed))
     if r.method.step == 2:  # step 2 records where it started and that step's accuracy (d.1)
         trainer.record_extra["step1_checkpoint"] = r.method.init_checkpoint
         trainer.record_extra["step1_metrics"] = step1_metrics(str(r.method.init_checkpoint))
