@@ -156,10 +156,13 @@ class SNNRandomPerStep(Hook):
 class AccountAndExport(Hook):
     """After training: size / BOPs of the trained row (b.12) into the record; step 2 writes `export.pt` (b.9)."""
 
-    def __init__(self, method: SubBitDistiller, run: RunConfig, out: Path, env: DistEnv) -> None:
-        self.method, self.run, self.out, self.env = method, run, out, env
+    def __init__(self, method: SubBitDistiller, run: RunConfig, out: Path, env: DistEnv,
+                 trainer: Trainer | None = None) -> None:
+        self.method, self.run, self.out, self.env, self.trainer = method, run, out, env, trainer
 
     def on_fit_end(self, metrics: dict[str, float], extra: dict[str, Any]) -> None:
+        if self.trainer is not None and self.trainer.history:  # the reported epoch is the best; the last beside it
+            extra["last_epoch_metrics"] = dict(self.trainer.history[-1])
         student, quantizer = self.method.student, self.run.method.quantizer
         tau = 9 if quantizer in ("real", "bnn") else self.run.method.tau
         size = self.run.data.image_size
@@ -208,7 +211,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
                       run_info=info, checkpoint_meta={"recipe": {"model": r.model.name, "quantizer": r.method.quantizer,
                                                                  "tau": r.method.tau, "step": r.method.step}})
     trainer.hooks += [EpochStartLinearDecay(trainer), SelectionHooks(method, out, env),
-                      AccountAndExport(method, r, out, env)]
+                      AccountAndExport(method, r, out, env, trainer)]
     if r.method.quantizer == "snn":
         trainer.hooks.append(SNNRandomPerStep(r.trainer.seed))
     if r.method.step == 2:  # step 2 records where it started and that step's accuracy (d.1)
