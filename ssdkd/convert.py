@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from common.checkpoint import load_foreign_state_dict, load_state_dict_verbose
+from common.checkpoint import extract_state_dict, load_state_dict_verbose, read_checkpoint
 from common.errors import UserError
 
 from .datafree import Generator, Normalizer
@@ -61,33 +61,52 @@ def _classes_of(state_dict: Mapping[str, Tensor]) -> int | None:
     return None
 
 
-def load_teacher(path: str | Path, arch: str, num_classes: int, map_location: str = "cpu") -> nn.Module:
-    """A released teacher (`checkpoints/pretrained/{dataset}_{arch}.pth`) as our `arch`, frozen and in eval mode.
-
-    Absent, unreadable, of another class count or of another architecture -> one-line `UserError`."""
+def read_state_dict(path: str | Path, what: str = "teacher") -> tuple[dict[str, Tensor], str]:
+    """The network tensors of a checkpoint and their origin: a Fast/CMI release (`{'state_dict': ...}` or a plain
+    state dict) through the restricted loader; our run's `best.pt` (the student) or `last.pt` (the distiller:
+    its `student.` part) and `ssdkd.convert` outputs with `weights_only=True`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"teacher checkpoint {path} not found; pass model.teacher_checkpoint=<Fast/CMI "
-                        f"checkpoints/pretrained/<dataset>_{arch}.pth> (spec d.1)")
+        raise UserError(f"{what} checkpoint {path} not found; pass model.teacher_checkpoint=<Fast/CMI "
+                        "checkpoints/pretrained/<dataset>_<arch>.pth> (spec d.1)" if what == "teacher" else
+                        f"{what} checkpoint {path} not found; pass checkpoint=<best.pt of a run, or an official .pth>")
     try:
-        raw = load_foreign_state_dict(path, key="state_dict")
+        obj, origin = read_checkpoint(path)
     except UserError:
         raise
     except Exception as err:  # torch/pickle errors on a torn or foreign file
-        raise UserError(f"teacher checkpoint {path} is unreadable ({type(err).__name__}); re-download it") from None
+        raise UserError(f"{what} checkpoint {path} is unreadable ({type(err).__name__}); re-download it") from None
+    if isinstance(obj, Mapping) and obj.get("paper") == "ssdkd" and "state_dict" in obj:  # a convert output
+        return dict(obj["state_dict"]), origin
+    if origin == "ours" and isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        sd = obj["model"]
+        if any(k.startswith("student.") for k in sd):  # last.pt: the whole distiller
+            sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+        return dict(sd), origin
+    key = "state_dict" if isinstance(obj, Mapping) and "state_dict" in obj else None
+    return dict(extract_state_dict(obj, key)), origin
+
+
+def load_teacher(path: str | Path, arch: str, num_classes: int, map_location: str = "cpu",
+                 what: str = "teacher") -> nn.Module:
+    """A released teacher (`checkpoints/pretrained/{dataset}_{arch}.pth`), one of our runs or a convert output,
+    as our `arch`, frozen and in eval mode (also any student: `what` names it in errors).
+
+    Absent, unreadable, of another class count or of another architecture -> one-line `UserError`."""
+    raw, _ = read_state_dict(path, what)
     model = create_model(arch, num_classes)
     sd = checkpoint_filter_fn({k: v.to(map_location) for k, v in raw.items()}, model)
     found = _classes_of(sd)
     if found is not None and found != num_classes:
-        raise UserError(f"teacher checkpoint {path} has {found} classes, expected {num_classes} "
+        raise UserError(f"{what} checkpoint {path} has {found} classes, expected {num_classes} "
                         f"(dataset mismatch?)")
     own = model.state_dict()
     overlap = sum(k in own for k in sd)
     if overlap < len(own) // 2:
         guess = _guess_arch(sd, num_classes)
-        raise UserError(f"teacher checkpoint {path} is not a '{arch}' (expected {arch}, found "
-                        f"{guess or 'an unknown architecture'}); set model.teacher to the checkpoint's architecture")
-    load_state_dict_verbose(model, sd, strict=True, source=f"teacher checkpoint {path}")
+        raise UserError(f"{what} checkpoint {path} is not a '{arch}' (expected {arch}, found "
+                        f"{guess or 'an unknown architecture'}); set model.{what} to the checkpoint's architecture")
+    load_state_dict_verbose(model, sd, strict=True, source=f"{what} checkpoint {path}")
     return model.eval().requires_grad_(False)
 
 
