@@ -240,3 +240,32 @@ def load_adam_state_by_name(optimizer: torch.optim.Optimizer, module: nn.Module,
         optimizer.state[p] = {"step": torch.tensor(float(st["step"])),
                               "exp_avg": st["exp_avg"].detach().clone().to(p.device),
                               "exp_avg_sq": st["exp_avg_sq"].detach().clone().to(p.device)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m ssdkd.convert SRC DST --arch A --classes N`: a Fast/CMI release (teacher or student) or one of
+    our checkpoints -> the state dict `ssdkd.eval` and `model.teacher_checkpoint` read (atomic, weights_only)."""
+    import argparse
+
+    from common.checkpoint import save_converted
+
+    p = argparse.ArgumentParser(description="Fast-Datafree / CMI checkpoint -> ssdkd state dict")
+    p.add_argument("src", help="official .pth ({'state_dict': ...} or a plain state dict), or our best.pt/last.pt")
+    p.add_argument("dst", help="output .pt (weights_only-loadable)")
+    p.add_argument("--arch", required=True, help=f"registry key: {', '.join(model_names())}")
+    p.add_argument("--classes", type=int, required=True, help="10 (CIFAR-10), 100 (CIFAR-100), 13 (NYUv2)")
+    p.add_argument("--role", default="teacher", choices=("teacher", "student"))
+    args = p.parse_args(argv)
+    if args.arch not in model_names():
+        raise UserError(f"--arch {args.arch!r} is not a registry key; valid: {', '.join(model_names())}")
+    _, origin = read_state_dict(args.src, args.role)
+    model = load_teacher(args.src, args.arch, args.classes, what=args.role)
+    save_converted(model.state_dict(), args.dst, "ssdkd", args.src, origin, arch=args.arch,  # type: ignore[arg-type]
+                   num_classes=args.classes, role=args.role)
+    print(f"wrote {args.arch} ({args.classes} classes, {origin} weights) to {args.dst}")
+
+
+if __name__ == "__main__":
+    from common.errors import cli_guard
+
+    cli_guard(main)()
