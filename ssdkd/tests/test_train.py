@@ -97,7 +97,8 @@ def test_train_sigterm_exits_143_then_resume_finishes(tmp_path: Path, teacher_fi
     from common.testing import sigterm_then_resume
 
     run_dir = tmp_path / "run"
-    args = [*SSDKD, *TINY, *GEN, "trainer.epochs=200", f"model.teacher_checkpoint={teacher_file}", f"output_dir={tmp_path}",
+    args = [*SSDKD, *TINY, *GEN, "trainer.epochs=200", f"model.teacher_checkpoint={teacher_file}",
+            f"output_dir={tmp_path}",
             f"hydra.run.dir={run_dir}"]
     sigterm_then_resume("ssdkd.train", args, run_dir, resume_args=("trainer.epochs=3",))
     assert "buffer_size" in (run_dir / "metrics.jsonl").read_text()
