@@ -36,7 +36,7 @@ def _all_rows() -> dict:
 
 def test_one_experiment_per_row() -> None:
     files = {p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")}
-    assert files == {r["id"] for r in ROWS}
+    assert files - {f for f in files if f.startswith("mnist_")} == {r["id"] for r in ROWS}  # + the real-data check
 
 
 def test_rows_are_labelled() -> None:
