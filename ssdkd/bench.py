@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> str:
              f"(held-out top-1 {t_top1:.2f}) -> resnet8 students; {epochs} epochs (warm-up {warmup}), scale "
              f"{options['scale']}; target = SSD-KD final - 3 = {target:.2f}", "",
              "| method | final / best top-1 | epochs | t_inv (s) | t_kd (s) | t_total (s) | samples "
-             "| time to target (s) | synthesis img/s | KD img/s | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| time to target (s) | synthesis img/s | KD img/s | peak MB |", "|---" * 11 + "|"]
     for name, curve in curves.items():
         c, m = curve[-1], runs[name].method
         ttt = time_to_target(curve, target)
