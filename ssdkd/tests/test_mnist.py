@@ -30,6 +30,7 @@ def test_mnist_teacher_then_ssdkd_and_fast2_students_never_see_a_real_image(tmp_
     print("\n| model | held-out top-1 (%): last / best epoch | t_total (s) | samples generated |\n|---|---|---|---|")
     print(f"| teacher resnet8 (8,000 real digits) | {teacher:.2f} | - | - |")
     for name, m in (("SSD-KD student resnet8", ssd), ("Fast-2 student resnet8", fast)):
-        print(f"| {name} | {m['top1']:.2f} / {m['best_top1']:.2f} | {m['t_total']:.1f} | {m['samples_generated']:.0f} |")
+        print(f"| {name} | {m['top1']:.2f} / {m['best_top1']:.2f} | {m['t_total']:.1f} | "
+              f"{m['samples_generated']:.0f} |")
     assert teacher >= 95.0
     assert ssd["top1"] >= 50.0
