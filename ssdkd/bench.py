@@ -18,7 +18,7 @@ per epoch: SSD-KD 100, Fast-2 and DeepInv 400, spec b.7(v), d.2, d.5), from the 
 the same `StageTimer` accounting (t_inv, t_kd, t_total; evaluation excluded, spec d.6). The harness alternates
 `run.epoch()` calls, evaluates with `run.student` between epochs (untimed), and reports accuracy against time and
 samples, time to a target accuracy, total-time ratios, throughput and peak memory. `scale` shrinks sizes
-(batch, buffer, steps) proportionally for CPU runs; it never changes the method.
+(batch, buffer, steps) proportionally for CPU runs, the lr linearly with the batch; it never changes the method.
 """
 
 from __future__ import annotations
@@ -93,18 +93,18 @@ def build_bench_runs(teacher: nn.Module, make_student: Callable[[], nn.Module], 
     cfg = SSDKDConfig(epochs=epochs, warmup=warmup, kd_steps_per_epoch=sized(100), batch_size=b)
     buf = ReplayBuffer(max(1, round(0.1 * train_size * scale)), num_classes, (channels, image_size, image_size),
                        replace_per_call=max(1, b // 2), device=device)
-    opt, sch = _sgd(s, 0.2, epochs - warmup)
+    opt, sch = _sgd(s, 0.2 * b / 256, epochs - warmup)
     runs["ssdkd"] = BenchRun("ssdkd", SSDKD(teacher, s, fast_synth(s, aug), buf, opt, sch, aug, cfg), s)
 
     s = student()
     aug = InversionAugment(normalizer)
-    opt, sch = _sgd(s, 0.2, epochs - warmup)
+    opt, sch = _sgd(s, 0.2 * b / 256, epochs - warmup)
     runs["fast2"] = BenchRun("fast2", DataFreeKD(teacher, s, fast_synth(s, aug), ImagePool(quantize=True), opt, sch,
                                                  aug, warmup=warmup, kd_steps=sized(400), batch_size=b), s)
 
     s = student()
     aug = InversionAugment(normalizer)
-    opt, sch = _sgd(s, 0.1, epochs)
+    opt, sch = _sgd(s, 0.1 * b / 256, epochs)
     deepinv = DeepInversionSynthesizer(teacher, s, normalizer, num_classes=num_classes,
                                        img_size=(channels, image_size, image_size), batch_size=b,
                                        iterations=deepinv_iterations, lr=0.1, adv=1.0, bn=10.0, oh=1.0)
