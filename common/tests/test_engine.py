@@ -276,3 +276,22 @@ def test_regression_task_selects_on_the_heldout_split(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="best_heldout needs a held-out split"):
         Trainer(LinearRegressor(), Lines(64, 0), Lines(20, 1), cfg, OptimConfig(), ScheduleConfig(), tmp_path / "h",
                 task=RegressionTask(score, primary="err"))
+
+
+def test_step_end_hook_sees_every_optimizer_step_after_it_ran(tmp_path: Path) -> None:
+    from common.engine import Hook, Progress
+
+    t = _trainer(tmp_path / "r", epochs=2)
+    seen: list[tuple[int, int]] = []
+
+    class Record(Hook):
+        def on_step_start(self, progress: Progress) -> None:
+            seen.append((0, progress.step))
+
+        def on_step_end(self, progress: Progress) -> None:
+            seen.append((1, progress.step))
+
+    t.hooks.append(Record())
+    t.fit()
+    steps = t.global_step
+    assert seen == [(k, s + k) for s in range(steps) for k in (0, 1)]  # end: the step count after the step
