@@ -85,6 +85,7 @@ class ScheduleName(StrEnum):
     step = "step"
     multistep = "multistep"
     constant = "constant"
+    poly = "poly"  # lr0 (1 - t/T)^decay_rate (timm PolyLRScheduler); decay_rate=1: linear decay to min_lr
 
 
 class WandbMode(StrEnum):

@@ -185,6 +185,19 @@ def test_multistep_milestones_drop_at_the_start_of_the_epoch(per_step: bool) -> 
     assert len(set(lrs[150 * upe: 151 * upe])) == 1  # no change inside the epoch
 
 
+def test_poly_power_one_is_the_per_epoch_linear_staircase() -> None:
+    """schedule.name=poly, decay_rate=1, per_step=False: lr_e = lr0 (1 - e/E), e = 0..E-1 (a linear decay)."""
+    from common.engine import build_scheduler
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = build_scheduler(opt, ScheduleConfig(name="poly", decay_rate=1.0, per_step=False), 8, 3)
+    lrs = []
+    for epoch in range(8):
+        sched.step(epoch)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.5 * (1 - e / 8) for e in range(8)])
+
+
 def test_precise_bn_is_an_exact_average_of_batch_statistics() -> None:
     from common.dist import DistEnv
     from common.engine import precise_bn
