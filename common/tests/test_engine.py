@@ -289,3 +289,31 @@ def test_regression_task_selects_on_the_heldout_split(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="best_heldout needs a held-out split"):
         Trainer(LinearRegressor(), Lines(64, 0), Lines(20, 1), cfg, OptimConfig(), ScheduleConfig(), tmp_path / "h",
                 task=RegressionTask(score, primary="err"))
+
+
+def test_multilabel_task_scores_map_loss_and_prevalence() -> None:
+    """MultiLabelTask.evaluate: perfect scores give 100 mAP; prevalence is the positive fraction in %."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from common.dist import DistEnv
+    from common.tasks import EvalContext, MultiLabelTask
+
+    g = torch.Generator().manual_seed(0)
+    targets = (torch.rand(40, 5, generator=g) < 0.3).float()
+    targets[0] = 1.0  # every class has a positive
+    loader = DataLoader(TensorDataset(targets.clone(), targets), batch_size=7)
+    perfect = nn.Linear(5, 5)
+    with torch.no_grad():
+        perfect.weight.copy_(torch.eye(5) * 10)
+        perfect.bias.fill_(-5)
+    task = MultiLabelTask()
+    out = task.evaluate(perfect, loader, EvalContext(DistEnv()))
+    assert out["mAP"] == pytest.approx(100.0)
+    assert out["prevalence"] == pytest.approx(100.0 * targets.mean().item())
+    reversed_scores = nn.Linear(5, 5)
+    with torch.no_grad():
+        reversed_scores.weight.copy_(-torch.eye(5))
+        reversed_scores.bias.zero_()
+    assert task.evaluate(reversed_scores, loader, EvalContext(DistEnv()))["mAP"] < 60.0
+    assert task.losses(type("M", (), {"forward_train": lambda s, x, y: (x, {"loss_bce": y.sum()})})(),
+                       (targets, targets))["loss_bce"] == targets.sum()
