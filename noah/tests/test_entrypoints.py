@@ -20,10 +20,9 @@ from noah.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 # ShuffleNetV2-0.5x (the official file's width) at 64 px: the cheapest CNN host on CPU
-SMALL = ["model.name=shufflenetv2_050", "profile=smoke", "data.image_size=64", "data.train_per_class=4",
-         "data.val_per_class=2", "trainer.global_batch=8", "trainer.max_device_batch=8", "trainer.log_every=1",
-         "trainer.precise_bn_batches=1"]
-NOAH_CNN = ["experiment=noah_shufflenetv2_100", *SMALL]
+SMALL = ["model.name=shufflenetv2_050", "profile=smoke", "data.image_size=64", "trainer.global_batch=8",
+         "trainer.max_device_batch=8", "trainer.log_every=1", "trainer.precise_bn_batches=1"]
+NOAH_CNN = ["experiment=noah_shufflenetv2_100", *SMALL, "data.train_per_class=4", "data.val_per_class=2"]
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess:
