@@ -297,3 +297,55 @@ class SegmentationTask:
         cm.sync(all_reduce_sum)
         out = cm.compute(self.absent_as_zero)
         return {"mIoU": out["mIoU"], "pixAcc": out["aAcc"], "mAcc": out["mAcc"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-label classification (MS-COCO style: one sigmoid per class, mAP)
+# --------------------------------------------------------------------------------------------------
+
+
+class MultiLabelTask:
+    """Images and multi-hot targets `(B, K)`; the method's `forward_train` gives the losses (BCE, ASL ...).
+
+    Evaluation scores the whole loader, gathers scores and targets from every rank (AP does not
+    decompose over shards) and reports `mAP` (%, over classes with positives; selects the best epoch),
+    the mean binary cross-entropy `loss`, and `prevalence` (%): the mean fraction of positive labels, the
+    expected mAP of random scores, the reference a smoke run's mAP is judged against.
+    """
+
+    primary = "mAP"
+    higher_is_better = True
+
+    def losses(self, method: nn.Module, batch: Any) -> Losses:
+        images, targets = batch
+        return method.forward_train(images, targets)[1]
+
+    def inputs(self, batch: Any) -> Any:
+        return batch[0]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, ctx: EvalContext) -> dict[str, float]:
+        from common.metrics import mean_average_precision
+
+        was_training = model.training
+        model.eval()
+        scores, targets = [], []
+        for images, target in progress(loader, total=len(loader), desc="eval",
+                                       enabled=ctx.show_progress and ctx.env.is_main):
+            with autocast(ctx.env.device, ctx.amp_dtype):
+                scores.append(model(to_device(images, ctx.env.device, ctx.channels_last)).float().cpu())
+            targets.append(target.float().cpu())
+        model.train(was_training)
+        score = torch.cat(scores) if scores else torch.zeros(0)
+        target = torch.cat(targets) if targets else torch.zeros(0)
+        if ctx.env.distributed:
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * ctx.env.world_size
+            dist.all_gather_object(parts, (score, target))
+            score, target = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if target.numel() == 0:
+            return {"mAP": float("nan"), "loss": float("nan"), "prevalence": float("nan")}
+        return {"mAP": mean_average_precision(score, target),
+                "loss": F.binary_cross_entropy_with_logits(score, target).item(),
+                "prevalence": 100.0 * target.mean().item()}
