@@ -15,6 +15,7 @@ numbers are labelled smoke and never compared with the paper's.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,8 +42,9 @@ def check_floor(finished: Sequence[Finished], num_classes: int = 8) -> list[str]
     floor = FLOOR_X_CHANCE * 100.0 / num_classes
     failures = [f"{f.run.name}: 10-clip top-1 {f.metrics.get('top1', float('nan')):.2f} < {floor:.1f} (2x chance)"
                 for f in finished if not f.metrics.get("top1", 0.0) >= floor]
-    for f in finished:
-        parent = next((o.split("=", 1)[1] for o in f.run.overrides if o.startswith("method.parent_checkpoint=")), None)
+    for f in finished:  # a PLS child's record names the parent checkpoint it started from
+        record = f.directory / "result.json"
+        parent = json.loads(record.read_text()).get("extra", {}).get("parent_checkpoint") if record.is_file() else None
         if parent is not None and not stage0_identical(Path(parent), f.directory / "last.pt"):
             failures.append(f"{f.run.name}: the frozen stage-0 UPT/GIT pair differs from its parent's {parent}")
     return failures

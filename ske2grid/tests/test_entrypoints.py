@@ -174,3 +174,20 @@ def test_pls_parent_of_the_wrong_grid_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"d5/best.pt has 1 stage\(s\) ending at 5x5.*7x7 \(spec §b.4\)"):
         s2g_train.run(cfg_of(ov8), tmp_path / "d8", ov8)
     assert not (tmp_path / "d8").exists()
+
+
+def test_smoke_floor_check_fails_below_twice_chance_and_on_a_moved_stage0(tmp_path: Path) -> None:
+    from common.reproduce import Finished, Run
+    from ske2grid.reproduce import check_floor
+
+    parent, child = tmp_path / "d5", tmp_path / "d6"
+    parent.mkdir(), child.mkdir()
+    state = {"model.ske2grid.stages.0.git.theta": torch.rand(25, 25), "model.blocks.0.grid_conv.weight": torch.ones(1)}
+    torch.save({"model": state}, parent / "best.pt")
+    torch.save({"model": {**state, "model.blocks.0.grid_conv.weight": torch.zeros(1)}}, child / "last.pt")
+    (child / "result.json").write_text(json.dumps({"extra": {"parent_checkpoint": str(parent / "best.pt")}}))
+    runs = [Finished(Run("d5", []), parent, 1.0, {"top1": 24.9}), Finished(Run("d6", []), child, 1.0, {"top1": 25.0})]
+    assert check_floor(runs) == ["d5: 10-clip top-1 24.90 < 25.0 (2x chance)"]  # stage 0 unchanged: fine
+    moved = {**state, "model.ske2grid.stages.0.git.theta": state["model.ske2grid.stages.0.git.theta"] + 1e-7}
+    torch.save({"model": moved}, child / "last.pt")
+    assert any("stage-0" in f for f in check_floor(runs[1:]))
