@@ -186,11 +186,11 @@ def test_multistep_milestones_drop_at_the_start_of_the_epoch(per_step: bool) -> 
 
 
 def test_poly_power_one_is_the_per_epoch_linear_staircase() -> None:
-    """schedule.name=poly, decay_rate=1, per_step=False: lr_e = lr0 (1 - e/E), e = 0..E-1 (a linear decay)."""
+    """schedule.name=poly, power=1, per_step=False: lr_e = lr0 (1 - e/E), e = 0..E-1 (a linear decay)."""
     from common.engine import build_scheduler
 
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
-    sched = build_scheduler(opt, ScheduleConfig(name="poly", decay_rate=1.0, per_step=False), 8, 3)
+    sched = build_scheduler(opt, ScheduleConfig(name="poly", power=1.0, per_step=False), 8, 3)
     lrs = []
     for epoch in range(8):
         sched.step(epoch)
