@@ -151,8 +151,12 @@ def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset]:
         return (MNIST.from_root(cfg.root, "test", build_transforms("mnist", True, cfg.image_size, padding=2, **tf),
                                 indices=tr),
                 MNIST.from_root(cfg.root, "test", build_transforms("mnist", False, cfg.image_size, **tf), indices=te))
-    if cfg.synthetic:
-        write_synthetic_cifar(cfg.root, cfg.num_classes, cfg.train_per_class, cfg.test_per_class, seed=0)
+    if cfg.synthetic:  # rank 0 writes, the others wait (torchrun)
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_synthetic_cifar(cfg.root, cfg.num_classes, cfg.train_per_class, cfg.test_per_class, seed=0)
+        barrier()
     train_tf = build_transforms(cfg.name, True, cfg.image_size, mean=mean, std=std)
     test_tf = build_transforms(cfg.name, False, cfg.image_size, mean=mean, std=std)
     return (CIFAR(cfg.root, cfg.num_classes, "train", train_tf), CIFAR(cfg.root, cfg.num_classes, "test", test_tf))
