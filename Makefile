@@ -1,5 +1,6 @@
 # osvai-repro: two commands do all the set-up.
-#   make test                  create .venv, install the project, run the whole test suite
+#   make test                  create .venv, install the project, run the test suite (what CI runs)
+#   make test-slow             the longer real-data checks and multi-seed runs (marked slow)
 #   make reproduce-<paper>     install if needed, run the paper's main job, print paper vs ours
 # Other targets: install, bench-<paper>, smoke, report, lint, clean-venv.
 
@@ -13,7 +14,7 @@ PAPERS := scalekd kernelwarehouse ssdkd noah afdcd ske2grid norm pste_bnn gridco
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test lint report smoke clean-venv $(addprefix reproduce-,$(PAPERS)) $(addprefix bench-,$(PAPERS))
+.PHONY: install test test-slow lint report smoke clean-venv $(addprefix reproduce-,$(PAPERS)) $(addprefix bench-,$(PAPERS))
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +24,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The default suite leaves out tests marked slow (real-data mini reproductions, multi-seed smoke orderings):
+# they take minutes each on a 2-core machine; `make test-slow` runs them.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
