@@ -96,6 +96,9 @@ class Hook:
     def on_step_start(self, progress: Progress) -> None:
         """Before every optimizer step (its first micro-batch)."""
 
+    def on_step_end(self, progress: Progress) -> None:
+        """Right after every optimizer step (before logging, checkpointing and evaluation)."""
+
     def log_values(self) -> dict[str, float]:
         """Extra values logged with the training losses and with every evaluation (a temperature)."""
         return {}
@@ -575,6 +578,8 @@ class Trainer:
                     if not last_micro:
                         continue
                     self._optimizer_step()
+                    for hook in self.hooks:
+                        hook.on_step_end(self._progress())
                     self._meter_steps += 1
                     next(bar, None)
                     if self.global_step % cfg.log_every == 0 or self.global_step == self.total_steps:

@@ -20,6 +20,7 @@ __all__ = [
     "average_precision",
     "confusion_matrix",
     "mean_average_precision",
+    "mean_class_accuracy",
     "miou_from_confusion",
     "mpjpe",
     "p_mpjpe",
@@ -47,6 +48,18 @@ def topk_accuracy(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -
     hit = top.eq(targets.reshape(-1, 1))  # at most one True per row
     cum = hit.cumsum(dim=1).sum(dim=0, dtype=torch.float64)  # cum[k-1] = samples correct within top-k
     return [float(cum[min(k, maxk) - 1]) * 100.0 / logits.shape[0] for k in ks]
+
+
+@torch.no_grad()
+def mean_class_accuracy(hits_per_class: Tensor, count_per_class: Tensor) -> float:
+    """Mean over classes of per-class top-1 accuracy (%), from per-class hit and sample counts (K,).
+
+    Classes without a sample are left out (action-recognition convention: the mean of per-class recalls).
+    """
+    present = count_per_class > 0
+    if not bool(present.any()):
+        return float("nan")
+    return float((hits_per_class[present].double() / count_per_class[present].double()).mean()) * 100.0
 
 
 # --------------------------------------------------------------------------------------- segmentation

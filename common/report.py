@@ -185,6 +185,14 @@ def _cell(records: list[ResultRecord], metric: str) -> tuple[float | None, str]:
     return _aggregate(values)
 
 
+def _gain(ours: Mapping[str, list[ResultRecord]], row: str, base: str, metric: str) -> tuple[float | None, str]:
+    """Ours for a `<metric>_gain` row (`gain_over: <base row>`): mean(row) - mean(base), both complete runs."""
+    mine, theirs = _cell(ours.get(row, []), metric)[0], _cell(ours.get(base, []), metric)[0]
+    if mine is None or theirs is None:
+        return None, "—"
+    return mine - theirs, _fmt(mine - theirs)
+
+
 def paper_report(paper: str, outputs: str | os.PathLike = "outputs",
                  root: str | os.PathLike = REPO_ROOT) -> str:
     """The Markdown report of one paper: the table, then the runs that are not compared with the paper."""
@@ -196,6 +204,8 @@ def paper_report(paper: str, outputs: str | os.PathLike = "outputs",
     for row in table.rows:
         for metric, paper_value in row.metrics.items():
             mean, shown = _cell(found.ours.get(row.id, []), metric)
+            if metric.endswith("_gain") and row.extra.get("gain_over"):  # the paper gives only a difference
+                mean, shown = _gain(found.ours, row.id, str(row.extra["gain_over"]), metric[: -len("_gain")])
             delta = _fmt(mean - paper_value) if mean is not None and paper_value is not None else "—"
             st = status(paper_value, mean, row.better_high(metric), row.tolerance.get(metric, 0.0))
             _, official = _cell(found.official.get(row.id, []), metric)

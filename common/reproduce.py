@@ -129,7 +129,7 @@ def make_plan(paper: str, argv: Sequence[str], extra: Mapping[str, Any] | None =
     smoke = options["profile"] == "smoke" or (options["profile"] == "auto" and not roots)
     if options["profile"] == "full" and not roots:
         raise UserError(f"{paper}.reproduce: profile=full needs a dataset root: data.root=... or "
-                        + " / ".join(f"${env}" for env in datasets.values() if env))
+                        + " / ".join(f"${env}" for env in dict.fromkeys(datasets.values()) if env))
     selected = [r for r in rows if (r["id"] in chosen if chosen else row_experiment(r) is not None)]
     return Plan(paper, spec, selected, options, overrides, roots, seeds, smoke)
 
@@ -230,7 +230,8 @@ def reproduce(paper: str, argv: Sequence[str], *, doc: str = "", extra: Mapping[
 
     plan = make_plan(paper, argv, extra, doc)
     if plan.smoke:
-        print("no dataset root (data.root=... or " + " / ".join(f"${e}" for e in plan.spec["datasets"].values() if e)
+        envs = dict.fromkeys(plan.spec["datasets"].values())  # datasets may share one root variable
+        print("no dataset root (data.root=... or " + " / ".join(f"${e}" for e in envs if e)
               + f"): the smoke runs of {paper}/paper.yaml, on synthetic data; never compared with the paper")
         runs = smoke_runs(plan)
     else:

@@ -297,3 +297,116 @@ class SegmentationTask:
         cm.sync(all_reduce_sum)
         out = cm.compute(self.absent_as_zero)
         return {"mIoU": out["mIoU"], "pixAcc": out["aAcc"], "mAcc": out["mAcc"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-label classification (MS-COCO style: one sigmoid per class, mAP)
+# --------------------------------------------------------------------------------------------------
+
+
+class MultiLabelTask:
+    """Images and multi-hot targets `(B, K)`; the method's `forward_train` gives the losses (BCE, ASL ...).
+
+    Evaluation scores the whole loader, gathers scores and targets from every rank (AP does not
+    decompose over shards) and reports `mAP` (%, over classes with positives; selects the best epoch),
+    the mean binary cross-entropy `loss`, and `prevalence` (%): the mean fraction of positive labels, the
+    expected mAP of random scores, the reference a smoke run's mAP is judged against.
+    """
+
+    primary = "mAP"
+    higher_is_better = True
+
+    def losses(self, method: nn.Module, batch: Any) -> Losses:
+        images, targets = batch
+        return method.forward_train(images, targets)[1]
+
+    def inputs(self, batch: Any) -> Any:
+        return batch[0]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, ctx: EvalContext) -> dict[str, float]:
+        from common.metrics import mean_average_precision
+
+        was_training = model.training
+        model.eval()
+        scores, targets = [], []
+        for images, target in progress(loader, total=len(loader), desc="eval",
+                                       enabled=ctx.show_progress and ctx.env.is_main):
+            with autocast(ctx.env.device, ctx.amp_dtype):
+                scores.append(model(to_device(images, ctx.env.device, ctx.channels_last)).float().cpu())
+            targets.append(target.float().cpu())
+        model.train(was_training)
+        score = torch.cat(scores) if scores else torch.zeros(0)
+        target = torch.cat(targets) if targets else torch.zeros(0)
+        if ctx.env.distributed:
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * ctx.env.world_size
+            dist.all_gather_object(parts, (score, target))
+            score, target = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if target.numel() == 0:
+            return {"mAP": float("nan"), "loss": float("nan"), "prevalence": float("nan")}
+        return {"mAP": mean_average_precision(score, target),
+                "loss": F.binary_cross_entropy_with_logits(score, target).item(),
+                "prevalence": 100.0 * target.mean().item()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-clip classification (videos, skeleton sequences)
+# --------------------------------------------------------------------------------------------------
+
+
+class MultiClipClassificationTask(ClassificationTask):
+    """Clips of a video and one label; the test samples several clips per video and averages them.
+
+    Training is `ClassificationTask`'s (one clip per sample). Evaluation takes inputs of shape
+    `(N, *clip_shape)` (one clip) or `(N, clips, *clip_shape)`, where a clip has `clip_dims` dimensions:
+    the clips are folded into the batch for one forward, each clip's logits go through a softmax and the
+    probabilities are averaged over the clips (mmaction/pyskl `average_clip='prob'`). Metrics (%): top-1,
+    top-5, mean class accuracy (per-class recall averaged over the classes present), and the mean negative
+    log of the averaged probability of the target (`loss`). Sums stay on the device; one all-reduce.
+    """
+
+    def __init__(self, num_classes: int, clip_dims: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.clip_dims = clip_dims
+
+    def probabilities(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """`(N, [clips,] *clip_shape)` -> class probabilities `(N, K)`, averaged over the clips."""
+        n = inputs.shape[0]
+        clips = inputs.reshape(-1, *inputs.shape[inputs.dim() - self.clip_dims:])
+        probs = torch.softmax(model(clips).float(), dim=-1)
+        return probs.view(n, clips.shape[0] // n, -1).mean(dim=1)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, ctx: EvalContext) -> dict[str, float]:
+        from common.metrics import mean_class_accuracy
+
+        was_training = model.training
+        model.eval()
+        k = self.num_classes
+        dev = ctx.env.device
+        sums = torch.zeros(4 + 2 * k, dtype=torch.float64, device=dev)  # top1, top5, nll, count, hits/class, n/class
+        for inputs, targets in progress(loader, total=len(loader), desc="eval",
+                                        enabled=ctx.show_progress and ctx.env.is_main):
+            inputs, targets = to_device(inputs, dev), targets.to(dev, non_blocking=True)
+            if targets.min() < 0 or targets.max() >= k:
+                raise UserError(f"a label outside [0, {k}) in the evaluation set; check data.num_classes")
+            with autocast(dev, ctx.amp_dtype):
+                probs = self.probabilities(model, inputs)
+            top = probs.topk(min(5, k), dim=1).indices == targets[:, None]
+            hit1 = top[:, 0].double()
+            nll = -probs.gather(1, targets[:, None]).clamp_min(1e-12).log().sum()
+            sums[:4] += torch.stack([hit1.sum(), top.any(1).double().sum(), nll.double(),
+                                     torch.tensor(float(targets.numel()), device=dev, dtype=torch.float64)])
+            sums[4:4 + k] += torch.bincount(targets, weights=hit1, minlength=k)
+            sums[4 + k:] += torch.bincount(targets, minlength=k).double()
+        model.train(was_training)
+        sums = all_reduce_sum(sums)
+        top1, top5, nll, count = sums[:4].tolist()
+        if count == 0:
+            return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"),
+                    "mean_class_accuracy": float("nan")}
+        return {"loss": nll / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
+                "mean_class_accuracy": mean_class_accuracy(sums[4:4 + k], sums[4 + k:])}

@@ -19,18 +19,21 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from common.checkpoint import extract_state_dict, load_foreign, load_state_dict_verbose
-from common.errors import UserError
+from common.checkpoint import extract_state_dict, load_foreign, load_state_dict_verbose, read_checkpoint, save_converted
+from common.errors import UserError, cli_guard
 from noah.noah import NOAH
 
 log = logging.getLogger(__name__)
+PAPER = "noah"
 
 _NOAH_HEAD = re.compile(r"^(?:head|classifier)\.(query|value)\.(weight|bias)$")
 _LINEAR_HEAD = re.compile(r"^(?:head\.2|classifier\.1|head)\.(weight|bias)$")
@@ -158,9 +161,60 @@ def infer_head_config(state_dict: Mapping[str, torch.Tensor], in_channels: int) 
     return {**out, "head": "noah", "num_classes": int(q.shape[0]) // n, "head_num": n, "key_ratio": ratio}
 
 
+def state_dict_of(obj: Any, origin: str, model: nn.Module, key: str | None = None,
+                  source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model tensors of any checkpoint an entry point is given, in ``model``'s key names.
+
+    Ours: a run's ``last.pt`` / ``best.pt`` (``"model"``, the trained wrapper's ``model.`` prefix stripped) or a
+    ``noah.convert`` output (``"state_dict"``); anything else is an official container (spec g), sniffed unless
+    ``key`` names the entry, and renamed by ``checkpoint_filter_fn``.
+    """
+    if isinstance(obj, Mapping) and obj.get("paper") == PAPER and "state_dict" in obj:
+        return dict(obj["state_dict"])  # written by noah.convert: our names already
+    if origin == "ours" and isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and key is None:
+        state = dict(obj["model"])
+        if state and all(k.startswith("model.") for k in state):
+            state = {k[len("model."):]: v for k, v in state.items()}
+        return state
+    if key is None:
+        what, key = sniff_container(obj)
+        log.info("%s: %s", source, what)
+    return checkpoint_filter_fn(extract_state_dict(obj, key), model)
+
+
+def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str,
+                   finetune: bool = False) -> tuple[list[str], list[str]]:
+    """Load ``sd`` into ``model`` strictly; with ``finetune`` head keys of another shape (another K) are dropped
+    with one log line and the fresh head is kept. Any other mismatch is one line naming the keys, with the
+    expected and found shapes."""
+    own = model.state_dict()
+    if finetune:
+        bad = [k for k in head_keys(sd) if k not in own or own[k].shape != sd[k].shape]
+        if bad:
+            log.warning("fine-tuning: dropped %d head keys of another class count (%s); the head is re-initialised",
+                        len(bad), ", ".join(bad))
+            sd = {k: v for k, v in sd.items() if k not in bad}
+            missing, unexpected = load_state_dict_verbose(model, sd, strict=False, source=source)
+            if [k for k in missing if not k.startswith("head.")] or unexpected:
+                load_state_dict_verbose(model, sd, strict=True, source=source)  # raises, naming the keys
+            return missing, unexpected
+    return load_state_dict_verbose(model, sd, strict=True, source=source)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, key: str | None = None, finetune: bool = False) -> str:
+    """Load any checkpoint (ours, a ``noah.convert`` output, or an official release) into ``model``.
+
+    Returns the weights' origin, ``ours`` or ``official`` (``common.checkpoint.read_checkpoint``).
+    """
+    obj, origin = read_checkpoint(path)
+    sd = state_dict_of(obj, origin, model, key, source=f"checkpoint {path}")
+    fit_state_dict(model, sd, f"checkpoint {path}", finetune)
+    return origin
+
+
 def load_official_checkpoint(model: nn.Module, path: str | os.PathLike, key: str | None = None,
                              drop_head_on_mismatch: bool = False) -> tuple[list[str], list[str]]:
-    """Load an official (or our) checkpoint into ``model``; returns (missing, unexpected) key names.
+    """Load an official checkpoint into ``model``; returns (missing, unexpected) key names.
 
     ``key`` picks the container entry (e.g. ``model_ema``, ``state_dict_ema``); by default it is sniffed.
     With ``drop_head_on_mismatch`` (fine-tuning to another K) head keys whose shapes differ are dropped with
@@ -168,19 +222,39 @@ def load_official_checkpoint(model: nn.Module, path: str | os.PathLike, key: str
     names the keys with the expected and found shapes.
     """
     obj = load_foreign(path)
-    if key is None:
-        what, key = sniff_container(obj)
-        log.info("%s: %s", path, what)
-    sd = checkpoint_filter_fn(extract_state_dict(obj, key), model)
-    own = model.state_dict()
-    if drop_head_on_mismatch:
-        bad = [k for k in head_keys(sd) if k not in own or own[k].shape != sd[k].shape]
-        if bad:
-            log.warning("fine-tuning: dropped %d head keys of another class count (%s); the head is re-initialised",
-                        len(bad), ", ".join(bad))
-            sd = {k: v for k, v in sd.items() if k not in bad}
-            missing, unexpected = load_state_dict_verbose(model, sd, strict=False, source=str(path))
-            if [k for k in missing if not k.startswith("head.")] or unexpected:
-                load_state_dict_verbose(model, sd, strict=True, source=str(path))  # raises, naming the keys
-            return missing, unexpected
-    return load_state_dict_verbose(model, sd, strict=True, source=str(path))
+    sd = state_dict_of(obj, "official", model, key, source=str(path))
+    return fit_state_dict(model, sd, str(path), drop_head_on_mismatch)
+
+
+def convert_file(source: str | os.PathLike, target: str | os.PathLike, overrides: list[str]) -> Path:
+    """Official checkpoint ``source`` -> ``target`` in our names, for the model the overrides compose."""
+    from common.config import compose, validate
+    from noah.train import CONFIG_DIR, DataConfig, MethodConfig, ModelConfig, build_model
+
+    cfg = compose(CONFIG_DIR, overrides)
+    model = build_model(validate(cfg.model, ModelConfig, "model."), validate(cfg.data, DataConfig, "data."),
+                        validate(cfg.method, MethodConfig, "method."))
+    obj, origin = read_checkpoint(source)
+    sd = state_dict_of(obj, origin, model, cfg.get("checkpoint_key"), source=str(source))
+    fit_state_dict(model, sd, f"checkpoint {source}")
+    return save_converted(model.state_dict(), target, PAPER, source, origin=origin, experiment=str(cfg.name),
+                          model=str(cfg.model.name))
+
+
+@cli_guard
+def main(argv: list[str] | None = None) -> None:
+    """``python -m noah.convert OFFICIAL.pth OURS.pt experiment=<row> [checkpoint_key=model_ema] [overrides]``
+
+    Writes (atomically) exactly what ``noah.eval checkpoint=OURS.pt`` reads.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    paths = [a for a in args if "=" not in a]
+    if len(paths) != 2 or any(a in ("-h", "--help") for a in args):
+        raise UserError("usage: python -m noah.convert OFFICIAL.pth OURS.pt experiment=<row> "
+                        "[checkpoint_key=model_ema] [other config overrides]")
+    out = convert_file(paths[0], paths[1], [a for a in args if "=" in a])
+    print(f"wrote {out} (our key names; evaluate with: python -m noah.eval experiment=... checkpoint={out})")
+
+
+if __name__ == "__main__":
+    main()

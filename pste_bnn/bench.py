@@ -1,14 +1,29 @@
-"""Pieces the common bench harness times (phase 2 adds the CLI): Sparks vs SNN step-2 training steps at equal
-tau (ResNet-18, batch 16, 160 px by default), the selection split into Hungarian / Sinkhorn / backward, and
-inference from the export vs from latent weights. Each builder returns zero-argument callables.
+"""`make bench-pste_bnn`: one run on common.bench (issue 13 item 10).
+
+    python -m pste_bnn.bench                                    # ResNet-18, tau 5, batch 16, 160 px, 2 threads
+    python -m pste_bnn.bench device=cuda batch=64 size=224      # GPU
+    python -m pste_bnn.bench tau=4 iters=10 hard_every=4 schedule_points=0,0.5
+
+Prints (1) size and BOPs per model and tau vs the 1-bit network, as ratios (b.12); (2) a step-2 training step
+of Sparks vs SNN at equal tau (Adam, CE), at each schedule point (fraction of step 2: 0 = gamma 1, noisy dense
+Hungarian; >= 0.25 = gamma 0), with the Sparks / SNN ratio; (3) the selection of all layers split into
+Hungarian solves, Sinkhorn forward and Sinkhorn forward + backward; (4) inference from the export (ids, index
+map, alpha) vs from latent weights with the frozen selection.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from common.bench import BENCH_DEFAULTS, Candidate, bench_config, compare, describe, print_table, ratio
+from common.cli import parse_overrides, split_list
+from common.errors import UserError, cli_guard
 
 from .accounting import accounting
 from .models import create_model
@@ -30,6 +45,7 @@ def _train_step(model: torch.nn.Module, images: torch.Tensor, targets: torch.Ten
         opt.step()
         state["step"] += 1
 
+    step.model = model  # type: ignore[attr-defined]  # what the bench counts parameters on
     return step
 
 
@@ -42,7 +58,7 @@ def build_bench_pairs(model: str = "birealnet18", tau: int = 5, batch: int = 16,
     """
     torch.manual_seed(seed)
     images = torch.randn(batch, 3, image_size, image_size, device=device)
-    targets = torch.randint(0, 1000, (batch,), device=device)
+    targets = torch.randint(0, 10, (batch,), device=device)  # every model here has >= 10 classes
     pairs = {}
     for quantizer in ("snn", "sparks"):
         kwargs = {"iters": iters, "hard_every": hard_every, "init": "freq"} if quantizer == "sparks" else {}
@@ -104,3 +120,71 @@ def size_and_bops(model: str = "birealnet18", taus: tuple[int, ...] = (6, 5, 4))
     """Size and BOPs per tau, with the ratios to the 1-bit network (spec b.12)."""
     net = create_model(model, quantizer="real")
     return {tau: accounting(net, tau) for tau in taus}
+
+
+DEFAULTS: dict[str, Any] = {**BENCH_DEFAULTS, "threads": 2, "repeats": 5, "memory": False, "macs": False,
+                            "model": "birealnet18", "tau": 5, "batch": 16, "size": 160, "iters": 20, "hard_every": 1,
+                            "schedule_points": "0,0.5", "size_models": "birealnet18,birealnet34", "taus": "6,5,4"}
+
+
+def print_size_table(models: list[str], taus: tuple[int, ...]) -> None:
+    """Size and BOPs per model and tau, and their ratios to the 1-bit network (b.12)."""
+    print("| model | tau | bits/weight | size (bits) | size 1-bit / size | BOPs | BOPs 1-bit / BOPs |")
+    print("|---|---|---|---|---|---|---|")
+    for name in models:
+        for tau, acc in size_and_bops(name, taus).items():
+            print(f"| {name} | {tau} | {acc['bits_per_weight']:.3f} | {acc['size_bits']:,} | "
+                  f"{acc['size_ratio_vs_1bit']:.2f}x | {acc['bops_subbit']:,} | {acc['bops_ratio_vs_1bit']:.2f}x |")
+
+
+@cli_guard
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    opts, _ = parse_overrides(sys.argv[1:] if argv is None else argv, DEFAULTS, "pste_bnn.bench", __doc__ or "")
+    cfg = bench_config(opts)
+    if not 0 <= int(opts["tau"]) <= 9:
+        raise UserError(f"bench: tau must be in 0..9, got {opts['tau']}")
+    points = [float(p) for p in split_list(str(opts["schedule_points"]))]
+    device = str(cfg.device)
+    print(f"pste_bnn bench: {describe(cfg)}, {opts['model']}, tau {opts['tau']}, batch {opts['batch']}, "
+          f"{opts['size']} px, L = {opts['iters']}, hard_every = {opts['hard_every']}")
+    print("\nSize and BOPs vs the 1-bit network (binary 3x3 convs, 224 px):")
+    print_size_table(split_list(str(opts["size_models"])), tuple(int(t) for t in split_list(str(opts["taus"]))))
+    records: list[dict[str, Any]] = []
+    total = 10_000
+    for point in points:
+        pairs = build_bench_pairs(opts["model"], int(opts["tau"]), int(opts["batch"]), int(opts["size"]),
+                                  int(opts["iters"]), int(opts["hard_every"]), device, step_offset=int(point * total))
+        cands = [Candidate(f"{q}@{point:g}", pairs[q].model, {"train": pairs[q]}, int(opts["batch"]))
+                 for q in ("snn", "sparks")]
+        rows = compare(cands, _only(cfg, "train"))
+        print_table(rows, baseline=f"snn@{point:g}", title=f"\nstep-2 training step at {point:g} of step 2 "
+                    f"(gamma {max(0.0, 1 - point / 0.25):g})")
+        r = ratio(rows, "train", f"sparks@{point:g}", f"snn@{point:g}")
+        print(f"Sparks / SNN training step at {point:g}: {r:.2f}x (bar: <= 1.8x)")
+        records += rows
+    net = create_model(opts["model"], quantizer="sparks", tau=int(opts["tau"]))
+    layers = len(net.binary_convs())
+    parts = build_selection_parts(layers, 2 ** int(opts["tau"]), int(opts["iters"]), device=device)
+    cands = [Candidate(k, nn.Identity(), {"train": v}, 1, unit="step") for k, v in parts.items()]
+    rows = compare(cands, _only(cfg, "train"))
+    print(f"\nselection of all {layers} layers, one step (gamma 1):")
+    for r in rows:
+        print(f"  {r['name']}: {r['seconds'] * 1e3:.1f} ms")
+    records += rows
+    if "infer" in cfg.modes:
+        pair = build_inference_pair(opts["model"], int(opts["tau"]), int(opts["batch"]), int(opts["size"]), device)
+        cands = [Candidate(k, nn.Identity(), {"infer": v}, int(opts["batch"])) for k, v in pair.items()]
+        rows = compare(cands, _only(cfg, "infer"))
+        print_table(rows, baseline="latent", title="\ninference: export (ids, index map, alpha) vs latent weights")
+        records += rows
+    return records
+
+
+def _only(cfg: Any, mode: str) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(cfg, modes=(mode,))
+
+
+if __name__ == "__main__":
+    main()

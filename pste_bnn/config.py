@@ -87,8 +87,8 @@ def parse(cfg: Any) -> tuple[ModelConfig, MethodConfig]:
     return model, method
 
 
-def build_student(model: ModelConfig, method: MethodConfig) -> SubBitNet:
-    """The row's network; step 2 loads the step-1 checkpoint (convert.py) and seeds the selection."""
+def build_network(model: ModelConfig, method: MethodConfig) -> SubBitNet:
+    """The row's network at its initialisation (no checkpoint loaded)."""
     kwargs: dict[str, Any] = {}
     if method.quantizer == "snn":
         kwargs = {"refine_every": method.refine_every, "zero_grad_set_to_none": method.zero_grad_set_to_none}
@@ -101,8 +101,13 @@ def build_student(model: ModelConfig, method: MethodConfig) -> SubBitNet:
         s = method.selection
         extra["schedule_kwargs"] = {"t0": s.t0, "t1": s.t1, "shape": s.shape, "gamma0": s.gamma0,
                                     "noise_frac": s.noise_frac, "noise_seed": s.noise_seed}
-    student = create_model(model.name, num_classes=model.num_classes, quantizer=method.quantizer, tau=method.tau,
-                           quantizer_kwargs=kwargs, **extra)
+    return create_model(model.name, num_classes=model.num_classes, quantizer=method.quantizer, tau=method.tau,
+                        quantizer_kwargs=kwargs, **extra)
+
+
+def build_student(model: ModelConfig, method: MethodConfig) -> SubBitNet:
+    """The row's network; step 2 loads the step-1 checkpoint (convert.py) and seeds the selection."""
+    student = build_network(model, method)
     if method.step == 2:
         if not method.init_checkpoint:
             raise UserError("step 2 needs the step-1 checkpoint: set method.init_checkpoint=/path/to/step1.pt "

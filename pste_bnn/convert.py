@@ -18,15 +18,17 @@ that loads strictly into `model`. Rules:
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from common.checkpoint import load_foreign_state_dict, load_state_dict_verbose
-from common.errors import UserError
+from common.checkpoint import load_foreign_state_dict, load_state_dict_verbose, save_converted
+from common.errors import UserError, cli_guard
 
 from .sparks import HardBinaryConv, codeword_ids
 
@@ -106,3 +108,37 @@ def seed_sparks_from_snn(sparks_conv: HardBinaryConv, snn_conv: HardBinaryConv, 
     with torch.no_grad():
         sparks_conv.weight.copy_(snn_conv.weight)
     sparks_conv.selector.init_from_ids(snn_conv.binarize.codeword_ids(), kappa)
+
+
+def convert_file(source: str | os.PathLike, target: str | os.PathLike, overrides: list[str]) -> Path:
+    """Official checkpoint `source` -> `target` (our names, atomic) for the network the overrides compose."""
+    from common.config import compose
+
+    from .config import build_network, parse
+    from .train import CONFIG_DIR
+
+    cfg = compose(CONFIG_DIR, overrides)
+    model_cfg, method_cfg = parse(cfg)
+    net = build_network(model_cfg, method_cfg)
+    load_official_checkpoint(source, net, strict=True, key=cfg.get("checkpoint_key"))
+    return save_converted(net.state_dict(), target, "pste_bnn", source, experiment=str(cfg.name),
+                          model=model_cfg.name, quantizer=method_cfg.quantizer, tau=method_cfg.tau)
+
+
+@cli_guard
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pste_bnn.convert OFFICIAL.pth.tar OURS.pt experiment=<row> [method.tau=..] [checkpoint_key=...]`
+
+    Writes (atomically) exactly what `pste_bnn.eval checkpoint=OURS.pt` reads.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    paths = [a for a in args if "=" not in a]
+    if len(paths) != 2 or any(a in ("-h", "--help") for a in args):
+        raise UserError("usage: python -m pste_bnn.convert OFFICIAL.pth.tar OURS.pt experiment=<row> "
+                        "[method.tau=5] [checkpoint_key=state_dict] [other config overrides]")
+    out = convert_file(paths[0], paths[1], [a for a in args if "=" in a])
+    print(f"wrote {out} (official weights in our names; evaluate with pste_bnn.eval checkpoint={out})")
+
+
+if __name__ == "__main__":
+    main()

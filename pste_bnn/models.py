@@ -237,6 +237,11 @@ def cifar_birealnet20(num_classes: int = 10, **kwargs: Any) -> BiRealNet:
     return BiRealNet([6, 6, 6], widths=(16, 32, 64), num_classes=num_classes, cifar_stem=True, **kwargs)
 
 
+def cifar_birealnet8(num_classes: int = 10, **kwargs: Any) -> BiRealNet:
+    """Smoke-size network (not a paper model): 6 single-conv Bi-Real blocks [2, 2, 2], widths 16/32/64, CIFAR stem."""
+    return BiRealNet([2, 2, 2], widths=(16, 32, 64), num_classes=num_classes, cifar_stem=True, **kwargs)
+
+
 def cifar_vgg_small(num_classes: int = 10, **kwargs: Any) -> VGGSmall:
     """OUR READING (spec c): VGG-small with five binary convs."""
     return VGGSmall(num_classes=num_classes, **kwargs)
@@ -249,7 +254,8 @@ def mini_net(num_classes: int = 10, **kwargs: Any) -> MiniNet:
 
 MODELS: dict[str, Callable[..., SubBitNet]] = {
     "birealnet18": birealnet18, "birealnet34": birealnet34, "cifar_birealnet18": cifar_birealnet18,
-    "cifar_birealnet20": cifar_birealnet20, "cifar_vgg_small": cifar_vgg_small, "mini_net": mini_net,
+    "cifar_birealnet20": cifar_birealnet20,
+    "cifar_birealnet8": cifar_birealnet8, "cifar_vgg_small": cifar_vgg_small, "mini_net": mini_net,
 }
 
 

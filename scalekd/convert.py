@@ -401,3 +401,48 @@ def build_distiller(cfg: Mapping) -> ScaleKDDistiller:
                     tuple(v) if isinstance(v, tuple) else (v,)):
                 raise UserError(f"loss_fmd_{s}.{k} is {want} in the config but the dry run gives {v}")
     return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI: official file -> what scalekd.eval reads
+# ---------------------------------------------------------------------------------------------------
+
+
+def convert_file(source: str | Path, target: str | Path, overrides: list[str]) -> Path:
+    """`source` (mmengine distillation checkpoint, mmcls classifier, timm or ours) -> `target`: the row's
+    evaluated network (the student; the teacher on teacher rows) in our keys, loaded strictly first."""
+    from common.checkpoint import save_converted
+    from common.config import compose
+
+    from .eval import load_network
+    from .train import CONFIG_DIR, parse
+
+    cfg = compose(CONFIG_DIR, overrides)
+    r = parse(cfg)
+    net, origin = load_network(r, str(source), cfg.get("checkpoint_key"))
+    return save_converted(net.state_dict(), target, "scalekd", source, origin=origin, experiment=str(cfg.name),
+                          network=str(r.model.student or r.model.teacher))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m scalekd.convert OFFICIAL.pth OURS.pt experiment=<row> [checkpoint_key=ema_state_dict]``
+
+    Writes (atomically) what ``scalekd.eval experiment=<row> checkpoint=OURS.pt`` reads."""
+    import sys
+
+    from common.errors import cli_guard
+
+    @cli_guard
+    def _run(args: list[str]) -> None:
+        paths = [a for a in args if "=" not in a]
+        if len(paths) != 2 or any(a in ("-h", "--help") for a in args):
+            raise UserError("usage: python -m scalekd.convert OFFICIAL.pth OURS.pt experiment=<row> "
+                            "[checkpoint_key=state_dict|ema_state_dict] [other config overrides]")
+        out = convert_file(paths[0], paths[1], [a for a in args if "=" in a])
+        print(f"wrote {out} (our keys; evaluate with python -m scalekd.eval checkpoint={out} and the same overrides)")
+
+    _run(list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -121,6 +121,13 @@ class ScaleKDDistiller(nn.Module):
             if tuple(mimic["s4"].cap_spatial.query_hw) != tuple(q_need):
                 raise UserError(f"the TPP proxy grid {q_need} does not match the s4 CAP query grid")
         self.distill = ScaleKDLoss(mimic["s3"], mimic["s4"], kd_temperature, kd_alpha)
+        self.no_decay_keys: list[str] = []  # mmcls paramwise custom_keys (d.2), set by the recipe
+
+    def no_weight_decay(self) -> set[str]:
+        """Trainable parameter names containing ".<key>" for a key of `no_decay_keys` (timm's optimizer
+        factory leaves them without weight decay; `.pos_embed` also matches the CAPs' position embeddings)."""
+        return {n for n, p in self.named_parameters()
+                if p.requires_grad and any(f".{k}" in f".{n}" for k in self.no_decay_keys)}
 
     def train(self, mode: bool = True) -> ScaleKDDistiller:
         super().train(mode)

@@ -29,17 +29,20 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from common.checkpoint import load_foreign_state_dict, load_state_dict_verbose
+from common.checkpoint import load_foreign_state_dict, load_state_dict_verbose, save_converted
+from common.errors import UserError, cli_guard
 from ske2grid.ske2grid import Ske2Grid, greedy_assignment
 
-__all__ = ["checkpoint_filter_fn", "load_official", "rename_official_key", "rename_official_tensors"]
+__all__ = ["checkpoint_filter_fn", "convert_file", "load_official", "rename_official_key", "rename_official_tensors"]
 
 _GRID_RULES = [
     (r"^data_bn\.", "{front}data_bn."),
@@ -121,3 +124,35 @@ def load_official(path: str | os.PathLike, model: nn.Module, strict: bool = True
     """
     state = checkpoint_filter_fn(load_foreign_state_dict(path), model)
     return load_state_dict_verbose(model, state, strict=strict, source=f"official checkpoint {path}")
+
+
+def convert_file(source: str | os.PathLike, target: str | os.PathLike, overrides: list[str]) -> Path:
+    """Official checkpoint ``source`` -> ``target`` in our names, for the network the overrides compose.
+
+    The file (``common.checkpoint.save_converted``, atomic) is exactly what ``ske2grid.eval checkpoint=`` reads.
+    """
+    from common.config import compose
+    from ske2grid.train import CONFIG_DIR, build_model, validate_config
+
+    cfg = compose(CONFIG_DIR, overrides)
+    model = build_model(validate_config(cfg))
+    state = checkpoint_filter_fn(load_foreign_state_dict(source, key=cfg.get("checkpoint_key")), model)
+    load_state_dict_verbose(model, state, strict=True, source=f"official checkpoint {source}")
+    return save_converted(model.state_dict(), target, "ske2grid", source, experiment=str(cfg.name),
+                          model=str(cfg.model.name))
+
+
+@cli_guard
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ske2grid.convert OFFICIAL.pth OURS.pt experiment=<row> [checkpoint_key=state_dict] [overrides]``"""
+    args = list(sys.argv[1:] if argv is None else argv)
+    paths = [a for a in args if "=" not in a]
+    if len(paths) != 2 or any(a in ("-h", "--help") for a in args):
+        raise UserError("usage: python -m ske2grid.convert OFFICIAL.pth OURS.pt experiment=<row> "
+                        "[checkpoint_key=state_dict] [other config overrides]")
+    out = convert_file(paths[0], paths[1], [a for a in args if "=" in a])
+    print(f"wrote {out} (official weights in our names; evaluate with ske2grid.eval checkpoint={out})")
+
+
+if __name__ == "__main__":
+    main()

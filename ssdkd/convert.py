@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from common.checkpoint import load_foreign_state_dict, load_state_dict_verbose
+from common.checkpoint import extract_state_dict, load_state_dict_verbose, read_checkpoint
 from common.errors import UserError
 
 from .datafree import Generator, Normalizer
@@ -61,33 +61,52 @@ def _classes_of(state_dict: Mapping[str, Tensor]) -> int | None:
     return None
 
 
-def load_teacher(path: str | Path, arch: str, num_classes: int, map_location: str = "cpu") -> nn.Module:
-    """A released teacher (`checkpoints/pretrained/{dataset}_{arch}.pth`) as our `arch`, frozen and in eval mode.
-
-    Absent, unreadable, of another class count or of another architecture -> one-line `UserError`."""
+def read_state_dict(path: str | Path, what: str = "teacher") -> tuple[dict[str, Tensor], str]:
+    """The network tensors of a checkpoint and their origin: a Fast/CMI release (`{'state_dict': ...}` or a plain
+    state dict) through the restricted loader; our run's `best.pt` (the student) or `last.pt` (the distiller:
+    its `student.` part) and `ssdkd.convert` outputs with `weights_only=True`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"teacher checkpoint {path} not found; pass model.teacher_checkpoint=<Fast/CMI "
-                        f"checkpoints/pretrained/<dataset>_{arch}.pth> (spec d.1)")
+        raise UserError(f"{what} checkpoint {path} not found; pass model.teacher_checkpoint=<Fast/CMI "
+                        "checkpoints/pretrained/<dataset>_<arch>.pth> (spec d.1)" if what == "teacher" else
+                        f"{what} checkpoint {path} not found; pass checkpoint=<best.pt of a run, or an official .pth>")
     try:
-        raw = load_foreign_state_dict(path, key="state_dict")
+        obj, origin = read_checkpoint(path)
     except UserError:
         raise
     except Exception as err:  # torch/pickle errors on a torn or foreign file
-        raise UserError(f"teacher checkpoint {path} is unreadable ({type(err).__name__}); re-download it") from None
+        raise UserError(f"{what} checkpoint {path} is unreadable ({type(err).__name__}); re-download it") from None
+    if isinstance(obj, Mapping) and obj.get("paper") == "ssdkd" and "state_dict" in obj:  # a convert output
+        return dict(obj["state_dict"]), origin
+    if origin == "ours" and isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        sd = obj["model"]
+        if any(k.startswith("student.") for k in sd):  # last.pt: the whole distiller
+            sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+        return dict(sd), origin
+    key = "state_dict" if isinstance(obj, Mapping) and "state_dict" in obj else None
+    return dict(extract_state_dict(obj, key)), origin
+
+
+def load_teacher(path: str | Path, arch: str, num_classes: int, map_location: str = "cpu",
+                 what: str = "teacher") -> nn.Module:
+    """A released teacher (`checkpoints/pretrained/{dataset}_{arch}.pth`), one of our runs or a convert output,
+    as our `arch`, frozen and in eval mode (also any student: `what` names it in errors).
+
+    Absent, unreadable, of another class count or of another architecture -> one-line `UserError`."""
+    raw, _ = read_state_dict(path, what)
     model = create_model(arch, num_classes)
     sd = checkpoint_filter_fn({k: v.to(map_location) for k, v in raw.items()}, model)
     found = _classes_of(sd)
     if found is not None and found != num_classes:
-        raise UserError(f"teacher checkpoint {path} has {found} classes, expected {num_classes} "
+        raise UserError(f"{what} checkpoint {path} has {found} classes, expected {num_classes} "
                         f"(dataset mismatch?)")
     own = model.state_dict()
     overlap = sum(k in own for k in sd)
     if overlap < len(own) // 2:
         guess = _guess_arch(sd, num_classes)
-        raise UserError(f"teacher checkpoint {path} is not a '{arch}' (expected {arch}, found "
-                        f"{guess or 'an unknown architecture'}); set model.teacher to the checkpoint's architecture")
-    load_state_dict_verbose(model, sd, strict=True, source=f"teacher checkpoint {path}")
+        raise UserError(f"{what} checkpoint {path} is not a '{arch}' (expected {arch}, found "
+                        f"{guess or 'an unknown architecture'}); set model.{what} to the checkpoint's architecture")
+    load_state_dict_verbose(model, sd, strict=True, source=f"{what} checkpoint {path}")
     return model.eval().requires_grad_(False)
 
 
@@ -221,3 +240,32 @@ def load_adam_state_by_name(optimizer: torch.optim.Optimizer, module: nn.Module,
         optimizer.state[p] = {"step": torch.tensor(float(st["step"])),
                               "exp_avg": st["exp_avg"].detach().clone().to(p.device),
                               "exp_avg_sq": st["exp_avg_sq"].detach().clone().to(p.device)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m ssdkd.convert SRC DST --arch A --classes N`: a Fast/CMI release (teacher or student) or one of
+    our checkpoints -> the state dict `ssdkd.eval` and `model.teacher_checkpoint` read (atomic, weights_only)."""
+    import argparse
+
+    from common.checkpoint import save_converted
+
+    p = argparse.ArgumentParser(description="Fast-Datafree / CMI checkpoint -> ssdkd state dict")
+    p.add_argument("src", help="official .pth ({'state_dict': ...} or a plain state dict), or our best.pt/last.pt")
+    p.add_argument("dst", help="output .pt (weights_only-loadable)")
+    p.add_argument("--arch", required=True, help=f"registry key: {', '.join(model_names())}")
+    p.add_argument("--classes", type=int, required=True, help="10 (CIFAR-10), 100 (CIFAR-100), 13 (NYUv2)")
+    p.add_argument("--role", default="teacher", choices=("teacher", "student"))
+    args = p.parse_args(argv)
+    if args.arch not in model_names():
+        raise UserError(f"--arch {args.arch!r} is not a registry key; valid: {', '.join(model_names())}")
+    _, origin = read_state_dict(args.src, args.role)
+    model = load_teacher(args.src, args.arch, args.classes, what=args.role)
+    save_converted(model.state_dict(), args.dst, "ssdkd", args.src, origin, arch=args.arch,  # type: ignore[arg-type]
+                   num_classes=args.classes, role=args.role)
+    print(f"wrote {args.arch} ({args.classes} classes, {origin} weights) to {args.dst}")
+
+
+if __name__ == "__main__":
+    from common.errors import cli_guard
+
+    cli_guard(main)()

@@ -624,6 +624,25 @@ class StageTimer:
             self._sync()
             self.totals[name] += time.perf_counter() - start
 
+    def start(self, name: str) -> None:
+        """Open a stage across two callbacks (the harness's step hooks); `stop` closes it."""
+        if name not in self.totals:
+            raise KeyError(f"unknown timer stage {name!r}; stages: {', '.join(self.STAGES)}")
+        import time
+
+        self._sync()
+        self._open = (name, time.perf_counter())
+
+    def stop(self, name: str) -> None:
+        import time
+
+        opened = getattr(self, "_open", None)
+        if opened is None or opened[0] != name:
+            raise RuntimeError(f"timer stage {name!r} was not started")
+        self._sync()
+        self.totals[name] += time.perf_counter() - opened[1]
+        self._open = None
+
     @property
     def t_inv(self) -> float:
         return self.totals["inv"]

@@ -247,17 +247,109 @@ def build_real_kd(cfg: Any, teacher: nn.Module, student: nn.Module, train_images
 
 
 def build_optim(cfg: Mapping[str, Any], student: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
-    """SGD + the per-epoch schedule (cosine T_max after warm-up, or multi-step), spec d.2 / b.9 item 7."""
+    """SGD + the per-epoch schedule of the recipes (spec d.2 / b.9 item 7) for `DataFreeKD.run_epoch` (golden
+    tests, bench): cosine over the epochs after warm-up (T_max = trainer.epochs - method.warmup, eta_min =
+    schedule.min_lr) or multi-step (schedule.milestones, decay_rate). Same keys as common's optim/schedule schemas;
+    `ssdkd.train` runs the same recipe on common's Trainer (its timm optimizer and scheduler)."""
     o, s = cfg["optim"], cfg["schedule"]
-    check_keys(o, {"name", "lr", "momentum", "weight_decay"}, "optim")
     if o["name"] != "sgd":
         raise UserError(f"optim.name must be 'sgd' (the only optimiser of the recipes), got {o['name']!r}")
     opt = torch.optim.SGD(student.parameters(), lr=float(_positive(o["lr"], "optim.lr")),
-                          momentum=float(o["momentum"]), weight_decay=float(o["weight_decay"]))
+                          momentum=float(o.get("momentum", 0.9)), weight_decay=float(o.get("weight_decay", 0.0)),
+                          nesterov=bool(o.get("nesterov", False)))
     if s["name"] == "cosine":
-        check_keys(s, {"name", "t_max", "eta_min"}, "schedule")
-        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, int(s["t_max"]), eta_min=float(s["eta_min"]))
+        t_max = int(cfg["trainer"]["epochs"]) - int(cfg["method"]["warmup"])
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(t_max, 1), eta_min=float(s.get("min_lr", 0)))
     if s["name"] == "multistep":
-        check_keys(s, {"name", "milestones", "gamma"}, "schedule")
-        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, list(s["milestones"]), gamma=float(s["gamma"]))
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, list(s["milestones"]),
+                                                         gamma=float(s.get("decay_rate", 0.1)))
     raise UserError(f"schedule.name must be 'cosine' or 'multistep', got {s['name']!r}")
+
+
+# ------------------------------------------------------------------------------ on common's Trainer
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+class HarnessDistiller(DataFreeDistiller):
+    """A `DataFreeKD` / `SSDKD` run driven by common's Trainer (spec b.7(vi) epoch, split at its seams).
+
+    `synthesize_epoch(e)` is the epoch's inversion (the warm-up rounds, synthesis only, run before KD epoch 0:
+    the student does not move during them, so this is the same maths as separate epochs); `kd_step(b)` is one
+    student step's loss on b replayed images (SSD-KD: priority draw with IS weights, priorities refreshed from
+    the step's per-sample KL; Fast/DeepInv/real KD: uniform pool passes). The Trainer does backward, the SGD step
+    and the per-epoch cosine. The generator, meta-Adam, BN history, store and counters are not submodules (the
+    generator trains in synthesis, never through the student's optimiser or DDP): they travel as extra state, so
+    `last.pt` resumes them exactly."""
+
+    def __init__(self, engine: DataFreeKD):
+        super().__init__(engine.student, engine.teacher, None, engine.augment, engine.temperature)
+        self.__dict__["engine"] = engine  # plain attribute: not registered as a module
+        self.synthesized_epoch = -1
+        self.epoch_log: list[dict[str, float]] = []
+
+    @property
+    def store(self) -> Any:
+        return self.engine.pool
+
+    def synthesize_epoch(self, epoch: int) -> None:
+        """The inversion of KD epoch `epoch` (once: a resumed, partly done epoch does not synthesise again)."""
+        e = self.engine
+        if epoch <= self.synthesized_epoch or e.synthesizer is None:
+            self.synthesized_epoch = max(self.synthesized_epoch, epoch)
+            return
+        rounds = e.synth_per_epoch * ((e.warmup + 1) if self.synthesized_epoch < 0 else 1)
+        with e.timer.stage("inv"):
+            for _ in range(rounds):
+                e.synthesis_round()
+        self.synthesized_epoch = epoch
+
+    def kd_step(self, batch_size: int) -> dict[str, Tensor]:
+        """One student step's losses on `batch_size` replayed images (spec b.6, b.7(iv))."""
+        e = self.engine
+        if isinstance(e, SSDKD):
+            from .ssdkd import beta_schedule
+
+            cfg, buf = e.cfg, e.buffer
+            beta = beta_schedule(e.kd_step_count, e.total_kd_steps, cfg.beta0, cfg.beta_end)
+            idx, w = buf.sample(batch_size, beta)
+            _, losses = self.forward_train(buf.get(idx), w if cfg.use_priority else None)
+            d = self.last_discrepancy
+            if cfg.phi_in_priority and cfg.phi_active:
+                d = d * buf.phi(buf.teacher_logits[idx], buf.targets[idx], **cfg.phi_kwargs())
+            buf.update_priority(idx, d)
+        else:
+            _, images, _ = e.pool.sample(batch_size)
+            _, losses = self.forward_train(images)
+        e.kd_step_count += 1
+        return losses
+
+    def accounting(self) -> dict[str, float]:
+        """Cumulative time accounting (spec d.6) and sizes: t_inv, t_kd, t_total, Fast's synthesis-only time,
+        samples generated, store size."""
+        e = self.engine
+        return {**e.timer.summary(), "samples_generated": float(e.n_generated), "buffer_size": float(len(e.pool))}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        e = self.engine
+        synth = e.synthesizer.state_dict() if hasattr(e.synthesizer, "state_dict") else None
+        return {"synthesizer": synth, "store": e.pool.state_dict(), "n_generated": e.n_generated,
+                "kd_step_count": e.kd_step_count, "timer": e.timer.state_dict(),
+                "synthesized_epoch": self.synthesized_epoch, "epoch_log": list(self.epoch_log)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        e = self.engine
+        device = next(self.student.parameters()).device
+        if state["synthesizer"] is not None:
+            e.synthesizer.load_state_dict(_to(state["synthesizer"], device))
+        e.pool.load_state_dict(_to(state["store"], e.pool.device if hasattr(e.pool, "device") else device))
+        e.n_generated, e.kd_step_count = int(state["n_generated"]), int(state["kd_step_count"])
+        e.timer.load_state_dict(state["timer"])
+        self.synthesized_epoch = int(state["synthesized_epoch"])
+        self.epoch_log = list(state["epoch_log"])

@@ -185,6 +185,19 @@ def test_multistep_milestones_drop_at_the_start_of_the_epoch(per_step: bool) -> 
     assert len(set(lrs[150 * upe: 151 * upe])) == 1  # no change inside the epoch
 
 
+def test_poly_power_one_is_the_per_epoch_linear_staircase() -> None:
+    """schedule.name=poly, decay_rate=1, per_step=False: lr_e = lr0 (1 - e/E), e = 0..E-1 (a linear decay)."""
+    from common.engine import build_scheduler
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = build_scheduler(opt, ScheduleConfig(name="poly", decay_rate=1.0, per_step=False), 8, 3)
+    lrs = []
+    for epoch in range(8):
+        sched.step(epoch)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.5 * (1 - e / 8) for e in range(8)])
+
+
 def test_precise_bn_is_an_exact_average_of_batch_statistics() -> None:
     from common.dist import DistEnv
     from common.engine import precise_bn
@@ -276,3 +289,50 @@ def test_regression_task_selects_on_the_heldout_split(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="best_heldout needs a held-out split"):
         Trainer(LinearRegressor(), Lines(64, 0), Lines(20, 1), cfg, OptimConfig(), ScheduleConfig(), tmp_path / "h",
                 task=RegressionTask(score, primary="err"))
+
+
+def test_step_end_hook_sees_every_optimizer_step_after_it_ran(tmp_path: Path) -> None:
+    from common.engine import Hook, Progress
+
+    t = _trainer(tmp_path / "r", epochs=2)
+    seen: list[tuple[int, int]] = []
+
+    class Record(Hook):
+        def on_step_start(self, progress: Progress) -> None:
+            seen.append((0, progress.step))
+
+        def on_step_end(self, progress: Progress) -> None:
+            seen.append((1, progress.step))
+
+    t.hooks.append(Record())
+    t.fit()
+    steps = t.global_step
+    assert seen == [(k, s + k) for s in range(steps) for k in (0, 1)]  # end: the step count after the step
+
+
+def test_multilabel_task_scores_map_loss_and_prevalence() -> None:
+    """MultiLabelTask.evaluate: perfect scores give 100 mAP; prevalence is the positive fraction in %."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from common.dist import DistEnv
+    from common.tasks import EvalContext, MultiLabelTask
+
+    g = torch.Generator().manual_seed(0)
+    targets = (torch.rand(40, 5, generator=g) < 0.3).float()
+    targets[0] = 1.0  # every class has a positive
+    loader = DataLoader(TensorDataset(targets.clone(), targets), batch_size=7)
+    perfect = nn.Linear(5, 5)
+    with torch.no_grad():
+        perfect.weight.copy_(torch.eye(5) * 10)
+        perfect.bias.fill_(-5)
+    task = MultiLabelTask()
+    out = task.evaluate(perfect, loader, EvalContext(DistEnv()))
+    assert out["mAP"] == pytest.approx(100.0)
+    assert out["prevalence"] == pytest.approx(100.0 * targets.mean().item())
+    reversed_scores = nn.Linear(5, 5)
+    with torch.no_grad():
+        reversed_scores.weight.copy_(-torch.eye(5))
+        reversed_scores.bias.zero_()
+    assert task.evaluate(reversed_scores, loader, EvalContext(DistEnv()))["mAP"] < 60.0
+    assert task.losses(type("M", (), {"forward_train": lambda s, x, y: (x, {"loss_bce": y.sum()})})(),
+                       (targets, targets))["loss_bce"] == targets.sum()

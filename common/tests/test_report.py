@@ -159,3 +159,18 @@ def test_report_data_kind_sees_synthetic_data_in_a_real_layout(tmp_path: Path) -
     write_synthetic_cifar(root, num_classes=10, train_per_class=1, test_per_class=1)
     assert data_kind("cifar100", root) == "synthetic"  # named like the real set, written by our writer
     assert data_kind("cifar100", tmp_path / "elsewhere") == "real"
+
+
+def test_report_gain_rows_are_differences_of_our_runs(tmp_path: Path) -> None:
+    """A row that gives only a gain (`metrics: {mAP_gain: 3.6}`, `gain_over: <base row>`): ours = row - base."""
+    root, outputs = tmp_path / "repo", tmp_path / "outputs"
+    (root / "norm").mkdir(parents=True)
+    (root / "norm" / "paper.yaml").write_text(
+        "paper: Gains\nrows:\n  - id: base\n    metrics: {mAP: null}\n"
+        "  - id: method\n    metrics: {mAP: null, mAP_gain: 3.6}\n    gain_over: base\n")
+    text = paper_report("norm", outputs, root)
+    assert "| method | mAP_gain | 3.60 | — | — | not run |" in text
+    _write(outputs, "r0", _record("base", {"mAP": 80.0}))
+    _write(outputs, "r1", _record("method", {"mAP": 83.5}))
+    text = paper_report("norm", outputs, root)
+    assert "| method | mAP_gain | 3.60 | 3.50 | -0.10 |" in text

@@ -79,7 +79,8 @@ def test_vit_host_changes() -> None:
 
 
 def test_mobilenetv3_last_conv_before_pooling_for_noah() -> None:
-    base, noah = create_model("mobilenetv3_small", "baseline"), create_model("mobilenetv3_small")
+    base = create_model("mobilenetv3_small", "baseline", num_classes=10)
+    noah = create_model("mobilenetv3_small", num_classes=10)
     assert isinstance(base.backbone.features[13], torch.nn.AdaptiveAvgPool2d)
     assert isinstance(noah.backbone.features[13], torch.nn.Conv2d) and noah.backbone.features[13].out_channels == 1280
     x = torch.randn(1, 3, 64, 64)

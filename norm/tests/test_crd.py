@@ -231,4 +231,4 @@ def test_norm_crd_smoke_entry_point_trains_and_resumes_the_memory_bank(tmp_path)
     assert ((state["crd.memory.memory_s"].norm(dim=1) - 1).abs() < 1e-5).sum() == 3 * 8
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["row"] == "cifar100_resnet56_resnet20_crd" and result["metrics"]["steps"] == 3
-    assert result["params_deployed"] == sum(p.numel() for p in create_model("resnet20", 10).parameters())
+    assert result["extra"]["params_deployed"] == sum(p.numel() for p in create_model("resnet20", 10).parameters())

@@ -149,13 +149,14 @@ def test_reproduce_full_mode_runs_a_row_with_a_released_teacher(tmp_path: Path,
     (tmp_path / "teachers" / "resnet56_vanilla").mkdir(parents=True)
     torch.save({"model": create_model("resnet56", 100).state_dict(), "epoch": 240},  # RepDistiller layout
                tmp_path / "teachers" / "resnet56_vanilla" / "ckpt_epoch_240.pth")
-    reproduce([f"data.root={root}", "--teacher-dir", str(tmp_path / "teachers"), "--rows",
-               "cifar100_resnet56_resnet20", "--output-dir", str(tmp_path / "out"), "trainer.epochs=1",
+    reproduce([f"data.root={root}", f"teacher_dir={tmp_path / 'teachers'}", "rows=cifar100_resnet56_resnet20",
+               f"output_dir={tmp_path / 'out'}", "trainer.epochs=1",
                "trainer.max_steps=1", "trainer.global_batch=16", "trainer.workers=0", "trainer.log_every=1"])
     out = capsys.readouterr().out
     assert "| cifar100_resnet56_resnet20 | top1 | 71.35 |" in out  # the paper-vs-ours table
     result = json.loads(next((tmp_path / "out").rglob("result.json")).read_text())
     assert result["profile"] == "full" and result["row"] == "cifar100_resnet56_resnet20"
+    assert result["kind"] == "trained" and not result["complete"]  # cut short by max_steps: never "ours"
 
 
 def test_train_sigterm_exits_143_then_resume_finishes(tmp_path: Path) -> None:

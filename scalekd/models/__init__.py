@@ -116,6 +116,8 @@ STUDENTS: dict[str, Callable[..., nn.Module]] = {
     "vit_s16": lambda **kw: vit(384, 12, 6, patch_size=16, **kw),
     "vit_b16": lambda **kw: vit(768, 12, 12, patch_size=16, **kw),
     "vit_b14": lambda **kw: vit(768, 12, 12, patch_size=14, **kw),
+    "resnet": resnet,  # free depth/widths (model.student_kwargs), e.g. the smoke profile's small ResNet
+    "swin": swin,  # free widths (model.student_kwargs): the smoke profile trains its small teacher as one
     "swin_t": lambda **kw: swin(96, (2, 2, 6, 2), (3, 6, 12, 24), drop_path_rate=kw.pop("drop_path_rate", 0.05),
                                 **kw),
 }
@@ -128,6 +130,7 @@ TEACHERS: dict[str, Callable[..., nn.Module]] = {
                                 drop_path_rate=kw.pop("drop_path_rate", 0.5), **kw),
     "swin_l": lambda **kw: swin(192, (2, 2, 18, 2), (6, 12, 24, 48),
                                 drop_path_rate=kw.pop("drop_path_rate", 0.1), **kw),
+    "swin": swin,  # free widths/depths/window (model.teacher_kwargs), e.g. the smoke profile's small Swin
     # BEiT-L/14 pre-trained by EVA: abs pos-emb, no rel-pos, 16x16 tokens at 224 (reconstructed path, k.5)
     "eva_l14": lambda **kw: timm.create_model("eva_large_patch14_196", pretrained=False,
                                               img_size=kw.pop("img_size", 224), **kw),

@@ -60,3 +60,33 @@ def test_unknown_method_key_is_one_line() -> None:
         distiller_from_config(method, create_student("resnet50"), create_teacher("swin_s"))
     with pytest.raises(UserError, match="experiment"):
         compose(CONFIG_DIR, ["experiment=no_such_row"])
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r["id"])
+def test_experiment_fits_the_typed_schemas(row: dict) -> None:
+    """Every row validates against common's trainer/optim/schedule schemas and ScaleKD's own groups."""
+    from scalekd.train import parse
+
+    r = parse(compose(CONFIG_DIR, [f"experiment={row['id']}"]))
+    assert r.trainer.mixup == 0.0 and r.optim.name in ("adamw", "lamb", "sgd")
+    if r.schedule.warmup_epochs:  # per-iteration warmup from the recipe's start lr, then cosine after it
+        assert 0 < r.schedule.warmup_lr < r.optim.lr and r.schedule.warmup_prefix
+    assert r.eval_on_ema is False or r.trainer.ema_decay == 0.9999
+
+
+def test_no_decay_keys_reach_the_optimizer_groups() -> None:
+    """AdamW rows: no weight decay on 1-D params and on *.pos_embed, the CAPs' included (d.2); others decay."""
+    from common.engine import build_optimizer
+    from scalekd.tests.smoke_models import CAPS, STUDENT, TEACHER
+    from scalekd.train import build_method, parse
+
+    r = parse(compose(CONFIG_DIR, ["experiment=swinl_vit_s16", "profile=smoke", *TEACHER, *STUDENT, *CAPS]))
+    assert r.no_decay_keys == ["pos_embed", "cls_token", "absolute_pos_embed", "relative_position_bias_table"]
+    method = build_method(r, create_teacher("swin", num_classes=10, **r.model.teacher_kwargs))
+    opt = build_optimizer(method, r.optim, r.trainer.global_batch)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    names = {n: p for n, p in method.named_parameters() if p.requires_grad}
+    assert decay[id(names["distill.mimic_s3.cap_spatial.pos_embed"])] == 0.0
+    assert decay[id(names["distill.mimic_s3.cap_spatial.proj_student.0.weight"])] == r.optim.weight_decay
+    assert decay[id(names["student.conv1.weight"])] == r.optim.weight_decay
+    assert not any(n.startswith("teacher.") for n in names) and len(decay) == len(names)

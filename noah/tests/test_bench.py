@@ -1,0 +1,23 @@
+"""noah.bench on a tiny setting: both heads timed in one run, ratios and the MAC-share budget printed."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.errors import UserError
+from noah.bench import main
+
+
+def test_bench_times_both_heads_and_prints_the_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    records = main(["models=resnet18", "batch=2", "size=64", "repeats=1", "warmup=1", "threads=1", "memory=false"])
+    assert {(r["mode"], r["name"]) for r in records} == {(m, f"resnet18 {h}") for m in ("train", "infer")
+                                                         for h in ("baseline", "noah")}
+    macs = {r["name"]: r["macs"] for r in records}
+    assert macs["resnet18 noah"] > macs["resnet18 baseline"]
+    out = capsys.readouterr().out
+    assert "NOAH adds s =" in out and "infer: NOAH step =" in out and "budget" in out
+
+
+def test_bench_unknown_model_is_one_line() -> None:
+    with pytest.raises(UserError, match="unknown models"):
+        main(["models=resnet19"])

@@ -1,0 +1,303 @@
+"""Train one SSD-KD table row (SSD-KD, Fast-k, DeepInv-k or KD on real data) on common's Trainer.
+
+    python -m ssdkd.train experiment=cifar10_resnet34_resnet18_ssdkd data.root=/data/cifar10 \
+        model.teacher_checkpoint=checkpoints/pretrained/cifar10_resnet34.pth
+    python -m ssdkd.train experiment=cifar10_wrn40_2_wrn16_1_fast2 profile=smoke      # CPU, synthetic CIFAR-10
+    python -m ssdkd.train experiment=mnist_lenet_ssdkd                                 # the real-data check
+    torchrun --nproc_per_node=8 -m ssdkd.train experiment=... data.root=... model.teacher_checkpoint=...
+
+Data-free KD has no training set. It runs on the one loop as follows (spec b.7(vi)): one optimizer step is one
+KD step on `method.kd_batch_size` images the method replays from its store (`HarnessDistiller.kd_step`; the
+loop's "dataset" is only the step index), an epoch is `method.kd_steps_per_epoch` steps, and a hook runs the
+epoch's inversion before the first step (the `method.warmup` synthesis-only rounds before KD epoch 0). The
+Trainer's epochs are therefore `trainer.epochs - method.warmup`; its per-epoch cosine is Fast's schedule.
+Evaluation is on the real held-out set; it is never timed. `metrics.jsonl` gets, with every evaluation, the
+cumulative t_inv / t_kd / t_total (device synchronised), Fast's synthesis-only time, samples generated and
+the store size; `result.json` the same totals, the per-epoch list and the device. The teacher is evaluated and
+printed first. Resume (`trainer.resume=auto`, SIGTERM -> exit 143) restores buffer, priorities, generator,
+meta-Adam, BN history and counters exactly (they are the distiller's extra state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from common.config import (
+    LoggerConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainerConfig,
+    as_dict,
+    hydra_main,
+    run_dir,
+    save_resolved,
+    validate,
+)
+from common.data import CIFAR, MNIST, build_transforms, split_indices, write_synthetic_cifar
+from common.dist import DistEnv, barrier, cleanup, init_distributed
+from common.engine import Hook, Progress, RunInfo, Trainer, eval_loader
+from common.errors import UserError
+from common.tasks import ClassificationTask, Classifier, evaluate
+
+from .convert import load_teacher
+from .datafree import NORMALIZE_DICT
+from .distiller import HarnessDistiller, build_method, build_real_kd, validate_method
+from .models import create_model, model_names
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DATASETS = ("cifar10", "cifar100", "mnist", "nyuv2")
+
+
+@dataclass
+class DataConfig:
+    name: str  # cifar10 | cifar100 | mnist (the real-data check) | nyuv2
+    root: str | None = None
+    synthetic: bool = False  # write CIFAR-format pickles under `root` first (smoke)
+    num_classes: int = 10
+    train_size: int = 50_000  # |D_train|: the buffer is rho * train_size (spec b.7(i))
+    image_size: int = 32
+    normalize: str = "cifar10"  # Fast's NORMALIZE_DICT key: the teacher's input normalisation
+    train_per_class: int = 64  # synthetic only
+    test_per_class: int = 16
+
+
+@dataclass
+class ModelConfig:
+    teacher: str
+    student: str
+    teacher_checkpoint: str | None = None
+
+
+@dataclass
+class TeacherTrainingConfig:
+    """The teacher trained first when none is given (synthetic smoke data, the MNIST check only)."""
+
+    epochs: int = 8
+    global_batch: int = 64
+    lr: float = 0.05
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig
+    model: ModelConfig
+    teacher_training: TeacherTrainingConfig
+    method: dict[str, Any]
+    trainer: TrainerConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    logger: LoggerConfig
+
+
+def parse(cfg: DictConfig) -> RunConfig:
+    """Validate every group; a wrong key or value is a one-line error naming it."""
+    run = RunConfig(
+        data=validate(cfg.data, DataConfig, "data."),
+        model=validate(cfg.model, ModelConfig, "model."),
+        teacher_training=validate(cfg.teacher_training, TeacherTrainingConfig, "teacher_training."),
+        method=OmegaConf.to_container(cfg.method, resolve=True),  # type: ignore[arg-type]
+        trainer=validate(cfg.trainer, TrainerConfig, "trainer."),
+        optim=validate(cfg.optim, OptimConfig, "optim."),
+        schedule=validate(cfg.schedule, ScheduleConfig, "schedule."),
+        logger=validate(cfg.logger, LoggerConfig, "logger."),
+    )
+    validate_method(run.method)
+    if run.data.name not in DATASETS:
+        raise UserError(f"config data.name={run.data.name!r}: valid: {', '.join(DATASETS)}")
+    if run.data.normalize not in NORMALIZE_DICT:
+        raise UserError(f"config data.normalize={run.data.normalize!r}: valid: {', '.join(NORMALIZE_DICT)}")
+    for key in ("teacher", "student"):
+        if getattr(run.model, key) not in model_names():
+            raise UserError(f"config model.{key}={getattr(run.model, key)!r}: valid: {', '.join(model_names())}")
+    if run.trainer.epochs <= int(run.method["warmup"]):
+        raise UserError(f"config trainer.epochs={run.trainer.epochs} counts the warm-up too: it must exceed "
+                        f"method.warmup={run.method['warmup']}")
+    if run.trainer.precise_bn_batches:
+        raise UserError("config trainer.precise_bn_batches: data-free KD has no real training images to "
+                        "re-estimate BatchNorm statistics from; leave it 0")
+    return run
+
+
+def mean_std(cfg: DataConfig, channels: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The teacher's normalisation (Fast's NORMALIZE_DICT), repeated to `channels` for grey data."""
+    n = NORMALIZE_DICT[cfg.normalize]
+    mean, std = tuple(n["mean"]), tuple(n["std"])
+    return (mean * channels, std * channels) if len(mean) == 1 else (mean, std)
+
+
+def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """(real training set, real held-out set). The training set only trains a teacher here (smoke, MNIST) or
+    feeds KD on real data; students of data-free rows never see it. Nothing is downloaded."""
+    mean, std = mean_std(cfg)
+    if cfg.name == "nyuv2":
+        raise UserError("NYUv2 segmentation distillation is not implemented yet (spec d.3 readings pending); "
+                        "the DeepLabV3 models, the NYUv2 reader and mIoU are")
+    if cfg.root is None:
+        hint = ("the folder of the MNIST IDX files (e.g. ../shared/data/mnist)" if cfg.name == "mnist" else
+                f"the folder holding cifar-{cfg.name[5:]}-{'batches-py' if cfg.num_classes == 10 else 'python'}/")
+        raise UserError(f"config data.root is not set: pass data.root=<{hint}>, or profile=smoke for synthetic data")
+    if cfg.name == "mnist":  # t10k: 8,000 train (the teacher's), 2,000 held out (DESIGN s.3)
+        tr, te = split_indices(10_000, 8_000, seed=0)
+        tf = {"to_rgb": True, "mean": mean, "std": std}
+        return (MNIST.from_root(cfg.root, "test", build_transforms("mnist", True, cfg.image_size, padding=2, **tf),
+                                indices=tr),
+                MNIST.from_root(cfg.root, "test", build_transforms("mnist", False, cfg.image_size, **tf), indices=te))
+    if cfg.synthetic:
+        write_synthetic_cifar(cfg.root, cfg.num_classes, cfg.train_per_class, cfg.test_per_class, seed=0)
+    train_tf = build_transforms(cfg.name, True, cfg.image_size, mean=mean, std=std)
+    test_tf = build_transforms(cfg.name, False, cfg.image_size, mean=mean, std=std)
+    return (CIFAR(cfg.root, cfg.num_classes, "train", train_tf), CIFAR(cfg.root, cfg.num_classes, "test", test_tf))
+
+
+def real_images(dataset: Dataset) -> tuple[Tensor, Tensor]:
+    """uint8 (N, 3, H, W) images and labels of a CIFAR set (KD on real data, spec d.5 item 6)."""
+    data = getattr(dataset, "data", None)
+    if data is None or data.ndim != 4:
+        raise UserError("method kd_real reads CIFAR images (data.name=cifar10/cifar100)")
+    return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(dataset.targets)  # type: ignore[attr-defined]
+
+
+class StepIndex(Dataset):
+    """The loop's "dataset" for data-free KD: `steps * batch` indices; the images come from the method's store."""
+
+    def __init__(self, steps: int, batch: int) -> None:
+        self.n = steps * batch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class DataFreeTask(ClassificationTask):
+    """A training step is the distiller's KD step on replayed images (the batch only sets its size);
+    evaluation is top-1 of the student on real held-out images."""
+
+    def losses(self, method: nn.Module, batch: Any) -> dict[str, Tensor]:
+        return method.kd_step(len(batch))  # type: ignore[operator]
+
+    def inputs(self, batch: Any) -> Any:
+        raise UserError("data-free KD has no real training inputs (trainer.precise_bn_batches must be 0)")
+
+
+class DataFreeEpoch(Hook):
+    """The epoch's inversion before its first KD step, the KD-step timer, and the time accounting (spec d.6)."""
+
+    def __init__(self, distiller: HarnessDistiller, env: DistEnv) -> None:
+        self.d, self.env = distiller, env
+
+    def on_epoch_start(self, progress: Progress) -> None:
+        log = self.d.epoch_log
+        if progress.epoch > 0 and (not log or log[-1]["epoch"] < progress.epoch - 1):
+            self._close_epoch(progress.epoch - 1)
+        self.d.synthesize_epoch(progress.epoch)
+
+    def on_step_start(self, progress: Progress) -> None:
+        self.d.engine.timer.start("kd")
+
+    def on_step_end(self, progress: Progress) -> None:
+        self.d.engine.timer.stop("kd")
+
+    def _close_epoch(self, epoch: int) -> None:
+        self.d.epoch_log.append({"epoch": float(epoch), **self.d.accounting()})
+
+    def log_values(self) -> dict[str, float]:
+        return self.d.accounting()
+
+    def on_fit_end(self, metrics: dict[str, float], extra: dict[str, Any]) -> None:
+        if self.d.synthesized_epoch >= 0 and (not self.d.epoch_log or
+                                              self.d.epoch_log[-1]["epoch"] < self.d.synthesized_epoch):
+            self._close_epoch(self.d.synthesized_epoch)
+        metrics.update(self.d.accounting())
+        extra["time_accounting"] = {"per_epoch": list(self.d.epoch_log), "device": device_name(self.env.device),
+                                    "evaluation_timed": False, "device_synchronised": True}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def get_teacher(r: RunConfig, train_set: Dataset, val_set: Dataset, out: Path, env: DistEnv,
+                config_dict: dict[str, Any]) -> nn.Module:
+    """The frozen teacher: `model.teacher_checkpoint`, or (synthetic / MNIST data only) trained here first."""
+    arch, nc = r.model.teacher, r.data.num_classes
+    if r.model.teacher_checkpoint is not None:
+        return load_teacher(r.model.teacher_checkpoint, arch, nc)
+    if not (r.data.synthetic or r.data.name == "mnist"):
+        raise UserError(f"config model.teacher_checkpoint is not set: pass the {arch} teacher (Fast/CMI "
+                        f"checkpoints/pretrained/{r.data.name}_{arch}.pth, spec d.1)")
+    teacher_dir = out / "teacher"
+    if not (teacher_dir / "FINISHED").is_file():
+        teacher_dir.mkdir(parents=True, exist_ok=True)
+        t = r.teacher_training
+        net = create_model(arch, nc)
+        tcfg = dataclasses.replace(r.trainer, epochs=t.epochs, global_batch=t.global_batch, max_steps=None)
+        trainer = Trainer(Classifier(net), train_set, val_set, tcfg, dataclasses.replace(r.optim, lr=t.lr),
+                          ScheduleConfig(name="cosine", per_step=True), teacher_dir, env,  # type: ignore[arg-type]
+                          task=ClassificationTask(), model=net, logger_cfg=r.logger, config_dict=config_dict)
+        trainer.fit()
+    barrier()
+    return load_teacher(teacher_dir / "best.pt", arch, nc)
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
+    """Train one row; returns the final metrics (also in result.json) and the run directory."""
+    r = parse(cfg)
+    env = init_distributed(r.trainer.device)
+    out = run_dir(cfg, "ssdkd", cfg.name)
+    if env.is_main:
+        save_resolved(cfg, out)
+    config_dict = as_dict(cfg)
+    train_set, val_set = build_data(r.data)
+    teacher = get_teacher(r, train_set, val_set, out, env, config_dict).to(env.device)
+    loader = eval_loader(val_set, r.trainer.eval_batch or 256, env, r.trainer.workers)
+    teacher_top1 = evaluate(teacher, loader, env)["top1"]  # the teacher is checked before distilling (item 7)
+    if env.is_main:
+        print(f"teacher {r.model.teacher}: top1 {teacher_top1:.2f}", flush=True)
+
+    torch.manual_seed(r.trainer.seed)  # the student init depends only on the seed: same for every method
+    student = create_model(r.model.student, r.data.num_classes).to(env.device)
+    torch.manual_seed(r.trainer.seed + 1)
+    composed = {**config_dict, "method": r.method}
+    if r.method["name"] == "kd_real":
+        images, labels = real_images(train_set)
+        engine = build_real_kd(composed, teacher, student, images, labels, env.device)
+    else:
+        engine = build_method(composed, teacher, student, env.device)
+    distiller = HarnessDistiller(engine)
+
+    steps = engine.kd_steps
+    warmup = int(r.method["warmup"])
+    trainer_cfg = dataclasses.replace(r.trainer, epochs=r.trainer.epochs - warmup)
+    info = RunInfo("ssdkd", cfg.name, cfg.get("row"), r.data.name, synthetic=r.data.synthetic,
+                   profile=str(cfg.get("profile", "full")))
+    trainer = Trainer(distiller, StepIndex(steps, r.trainer.global_batch), val_set, trainer_cfg, r.optim, r.schedule,
+                      out, env, task=DataFreeTask(num_classes=r.data.num_classes), model=student,
+                      hooks=[DataFreeEpoch(distiller, env)], params=list(student.parameters()),
+                      logger_cfg=r.logger, config_dict=config_dict, run_info=info)
+    trainer.record_extra.update(teacher_top1=teacher_top1, method=r.method["name"], warmup_epochs=warmup,
+                                kd_steps_per_epoch=steps, kd_epochs=trainer_cfg.epochs)
+    metrics = trainer.fit()
+    cleanup()
+    return metrics, out
+
+
+@hydra_main(CONFIG_DIR)
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
