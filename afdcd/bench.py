@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           "generator, "
           f"crop {crop[0]}x{crop[1]}, batch {batch}, {nc} classes, {describe(cfg)}")
     records = compare(candidates, cfg)
-    print_table(records, baseline="CE+KD step" if "train" in cfg.modes else "baseline student")
+    for mode, base in (("train", "CE+KD step"), ("infer", "baseline student")):
+        if mode in cfg.modes:
+            print_table([r for r in records if r["mode"] == mode], baseline=base)
     if macs is not None:
         kd_step = 3 * macs["student"] + macs["teacher"]
         af_step = kd_step + 3 * macs["loss module"]

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from common.checkpoint import read_checkpoint
 from common.config import hydra_main, run_dir, save_resolved
 from common.dist import cleanup, init_distributed
-from common.engine import eval_loader
+from common.engine import eval_loader, resolve_amp, resolve_channels_last
 from common.errors import UserError
 from common.results import evaluation_record, write_record
 from common.tasks import EvalContext
@@ -47,7 +48,11 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     model = load_model(obj, name=r.model.student, num_classes=r.data.num_classes, aux=False).to(env.device).eval()
     task = segmentation_task(r)
     loader = eval_loader(eval_set, r.trainer.eval_batch or 1, env, r.trainer.workers, task.collate)
-    metrics = task.evaluate(model, loader, EvalContext(env, show_progress=True))
+    ctx = EvalContext(env, resolve_amp(r.trainer.amp, env.device), resolve_channels_last(r.trainer.channels_last,
+                                                                                          env.device), True)
+    if ctx.channels_last:
+        model.to(memory_format=torch.channels_last)
+    metrics = task.evaluate(model, loader, ctx)
     out = run_dir(cfg, "afdcd", f"eval_{cfg.name}")
     if env.is_main:
         save_resolved(cfg, out)

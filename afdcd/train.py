@@ -38,7 +38,7 @@ from common.config import (
 )
 from common.data.segmentation import majority_class_miou, write_synthetic_segmentation
 from common.dist import DistEnv, barrier, cleanup, init_distributed
-from common.engine import Hook, RunInfo, Trainer, eval_loader
+from common.engine import Hook, RunInfo, Trainer, eval_loader, resolve_amp
 from common.errors import UserError
 from common.results import data_kind
 from common.tasks import EvalContext, SegmentationTask
@@ -161,7 +161,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     if method.teacher is not None:  # check the teacher before distilling (a wrong checkpoint shows here)
         method.teacher.to(env.device)
         loader = eval_loader(eval_set, 1, env, r.trainer.workers, task.collate)
-        extra["teacher_mIoU"] = task.evaluate(method.teacher, loader, EvalContext(env))["mIoU"]
+        ctx = EvalContext(env, resolve_amp(r.trainer.amp, env.device))
+        extra["teacher_mIoU"] = task.evaluate(method.teacher, loader, ctx)["mIoU"]
         if env.is_main:
             print(f"teacher {r.model.teacher}: mIoU {extra['teacher_mIoU']:.2f} on {r.data.name} {r.data.eval_split}")
     trainer_cfg = r.trainer
