@@ -408,7 +408,7 @@ class WarehouseManager(nn.Module):
         # mathematically equal kernel application per layer (a batched matmul for 1x1 convs)
         self.impl = impl
         self.tapwise_ratio = 1.0  # 'tapwise' when G_i L <= ratio I (measured with kernelwarehouse.bench)
-        self.mixed_ratio = 1.6  # 'mixed' when n L <= ratio S G_i (n + L) (measured with kernelwarehouse.bench)
+        self.mixed_ratio = 2.0  # 'mixed' when n L <= ratio S G_i (n + L) (measured with kernelwarehouse.bench)
         self.sharing_range = parse_sharing_range(sharing_range)
         self.reduction, self.cell_num_ratio = reduction, cell_num_ratio
         self.cell_inplane_ratio, self.cell_outplane_ratio = cell_inplane_ratio, cell_outplane_ratio
