@@ -4,6 +4,7 @@
     python -m kernelwarehouse.bench official=/path/to/KernelWarehouse threads=1   # + the official KW model
     python -m kernelwarehouse.bench models=kw1x_resnet18,kw4x_mobilenetv2_100 batch=32 size=224 threads=8
     python -m kernelwarehouse.bench impl=grouped                  # our model with the official op order
+    python -m kernelwarehouse.bench mixed_ratio=0 tapwise_ratio=0 # impl=auto's thresholds (0: never that path)
     KW_HEAP=off python -m kernelwarehouse.bench                   # glibc's default allocator (slower)
 
 Every ``common.bench`` key works (``device``, ``threads``, ``repeats``, ``warmup``, ``modes``, ``memory``,
@@ -35,7 +36,8 @@ from kernelwarehouse.models import create_model, warehouse_manager
 from kernelwarehouse.warehouse import KWConvNd, KWLayer, KWLinear
 
 DEFAULTS: dict[str, Any] = {**BENCH_DEFAULTS, "threads": 2, "models": "kw1x_resnet18", "batch": 16, "size": 160,
-                            "impl": "auto", "tapwise_ratio": None, "official": None, "temperature": 0.5}
+                            "impl": "auto", "tapwise_ratio": None, "mixed_ratio": None, "official": None,
+                            "temperature": 0.5}
 _OFFICIAL_KW_KEYS = ("reduction", "cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio", "sharing_range",
                      "nonlocal_basis_ratio")
 
@@ -101,8 +103,9 @@ def candidates_for(name: str, opts: dict[str, Any], device: torch.device) -> lis
         kw = create_model(name)
         manager = warehouse_manager(kw)
         manager.impl = str(opts["impl"])
-        if opts["tapwise_ratio"] is not None:
-            manager.tapwise_ratio = float(opts["tapwise_ratio"])
+        for key in ("tapwise_ratio", "mixed_ratio"):  # the cost-model thresholds of impl=auto
+            if opts[key] is not None:
+                setattr(manager, key, float(opts[key]))
         manager.set_temperature(float(opts["temperature"]))
         models[name] = kw
         if opts["official"]:  # after ours: the official package re-registers timm names

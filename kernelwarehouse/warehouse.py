@@ -261,15 +261,23 @@ class KWLayer(nn.Module):
 class KWConvNd(KWLayer):
     """A KW convolution (spec §b.6): the kernel is assembled per sample from the shared warehouse.
 
-    Assembly is always one matmul over all cells, ``C = alpha @ E`` (``[B, m, c_o c_i]``). The kernels are
-    then applied in one of three mathematically equal ways (``impl='auto'`` picks per layer and input size;
-    ``impl='grouped'`` always uses the official one):
+    The per-sample kernel is ``W_b[s, p, q] = sum_k alpha[b, (s, p, q), k] E_k``. It is applied in one of four
+    mathematically equal ways (``impl='auto'`` picks per layer and input size; ``impl='grouped'`` always uses
+    the official one). The first three assemble the kernels by one matmul over all cells, ``C = alpha @ E``
+    (``[B, m, c_o c_i]``):
 
     * ``grouped``: permute ``C`` into ``[B O, I/g, *K]`` kernels and run one grouped conv, ``groups = g B``;
     * ``pointwise`` (1x1, g=1): one batched matmul ``W_b @ X_b``;
     * ``tapwise`` (2-D, g=1): no kernel permute: for each tap ``s`` and block pair ``(p, q)`` the cell
       ``C[b, s, p, q]`` multiplies the unfolded input ``X[b, s, q]`` in one broadcast batched matmul, and the
       taps are summed. It wins when the output is small next to the kernel (late, low-resolution stages).
+    * ``mixed`` (2-D, g=1): no per-sample kernel at all. By linearity ``y_b[p] = sum_k E_k (sum_{s,q}
+      alpha[b, (s, p, q), k] X_b[s, q])``: the attention mixes each sample's input taps once per warehouse
+      cell, then one dense GEMM applies the whole warehouse ``[c_o, n c_i]`` to the mixed inputs of every
+      sample and position. It costs ``n c_o c_i L`` multiply-adds per image and output block instead of
+      ``m c_o c_i (n + L)``, but as one large GEMM it runs near the CPU's peak while the assembly (``K = n``) and
+      the per-sample products are memory-bound, and it saves no per-sample kernels for the backward. It wins
+      where the output is small and the warehouse is not much larger than the kernel (ResNet18's last stage).
     """
 
     def kernel_application(self, x: torch.Tensor) -> str:
@@ -282,6 +290,10 @@ class KWConvNd(KWLayer):
             length = math.prod(
                 (x.shape[2 + d] + 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1) - 1)
                 // self.stride[d] + 1 for d in range(2))
+            # multiply-adds per image and output block: mixed n L c_o c_i, assembled S G_i (n + L) c_o c_i
+            n, taps = self.num_cells, self.groups_spatial * self.groups_in
+            if n * length <= self._manager[0].mixed_ratio * taps * (n + length):
+                return "mixed"
             # tap outputs [B, S, G_i, O, L] versus the permuted kernels [B, O, I, S]
             if self.groups_in * length <= self._manager[0].tapwise_ratio * self.in_planes:
                 return "tapwise"
@@ -302,8 +314,10 @@ class KWConvNd(KWLayer):
                 x = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
             weight = self._assemble(attn, workspace=True).reshape(b, self.out_planes, self.in_planes)
             y = torch.matmul(weight, x.reshape(b, self.in_planes, -1)).view(b, self.out_planes, *x.shape[2:])
-        else:
+        elif how == "tapwise":
             y = self._tapwise(x, attn)
+        else:
+            y = self._mixed(x, attn)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, *([1] * self.dim)).to(y.dtype)
         return y
@@ -320,6 +334,21 @@ class KWConvNd(KWLayer):
         taps = taps.permute(0, 4, 5, 1, 2, 3).reshape(b, s, 1, gi, ci, -1)
         y = torch.matmul(cells, taps).sum(dim=(1, 3))  # [B, G_o, c_o, L]
         return y.reshape(b, self.out_planes, *out_hw)
+
+    def _mixed(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[0], self.num_cells
+        s, go, gi, co, ci = self.groups_spatial, self.groups_out, self.groups_in, self.cell_out, self.cell_in
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        taps = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # [B, I, Ho, Wo, kh, kw]
+        ho, wo = taps.shape[2:4]
+        taps = taps.permute(0, 2, 3, 4, 5, 1).reshape(b, ho * wo, s * gi, ci)  # [B, L, S G_i, c_i]
+        # mixture j = (s G_o + p) G_i + q -> [B, 1, G_o n, S G_i]: for each output block p and cell k
+        mix = attn.reshape(b, s, go, gi, n).permute(0, 2, 4, 1, 3).reshape(b, 1, go * n, s * gi)
+        mixed = torch.matmul(mix, taps)  # [B, L, G_o n, c_i]
+        warehouse = self._manager[0].weights[self.warehouse_id].to(x.dtype)
+        cells = warehouse.reshape(n, co, ci).transpose(0, 1).reshape(co, n * ci)  # [c_o, n c_i]
+        y = F.linear(mixed.reshape(-1, n * ci), cells)  # [B L G_o, c_o]
+        return y.view(b, ho, wo, self.out_planes).permute(0, 3, 1, 2)  # channels-last memory
 
 
 class KWConv1d(KWConvNd):
@@ -379,6 +408,7 @@ class WarehouseManager(nn.Module):
         # mathematically equal kernel application per layer (a batched matmul for 1x1 convs)
         self.impl = impl
         self.tapwise_ratio = 1.0  # 'tapwise' when G_i L <= ratio I (measured with kernelwarehouse.bench)
+        self.mixed_ratio = 2.0  # 'mixed' when n L <= ratio S G_i (n + L) (measured with kernelwarehouse.bench)
         self.sharing_range = parse_sharing_range(sharing_range)
         self.reduction, self.cell_num_ratio = reduction, cell_num_ratio
         self.cell_inplane_ratio, self.cell_outplane_ratio = cell_inplane_ratio, cell_outplane_ratio

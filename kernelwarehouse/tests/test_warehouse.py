@@ -197,6 +197,38 @@ def test_assemble_returns_kernels_no_later_call_overwrites() -> None:
         torch.testing.assert_close(first, net.c.assemble(attn_c))
 
 
+FORCE = {"tapwise": (0.0, math.inf), "mixed": (math.inf, 0.0)}  # (mixed_ratio, tapwise_ratio)
+
+
+@pytest.mark.parametrize("how", ["tapwise", "mixed"])
+@pytest.mark.parametrize("budget,rho", [(1.0, 1.0), (2.0, 0.5), (0.5, 0.5)])
+def test_every_kernel_application_equals_the_grouped_conv(how: str, budget: float, rho: float) -> None:
+    """Outputs and every gradient of ``impl='auto'`` with the 3x3 layers forced to one application equal the
+    official grouped conv (rho < 1: several input and output blocks per layer, G_i, G_o > 1). In float64, so
+    that the attention's BatchNorm backward at batch 3 does not amplify float32 reordering noise."""
+    torch.manual_seed(7)
+    ref_net = Net(budget, rho).double().train()
+    ref_net.warehouse_manager.set_temperature(0.3)
+    ref_net.warehouse_manager.impl = "grouped"
+    net = copy.deepcopy(ref_net)
+    net.warehouse_manager.impl = "auto"
+    net.warehouse_manager.mixed_ratio, net.warehouse_manager.tapwise_ratio = FORCE[how]
+    x = torch.randn(3, 16, 9, 9, dtype=torch.float64)
+    assert {net.a.kernel_application(x), net.b.kernel_application(x)} == {how}
+    assert net.c.kernel_application(x) == "pointwise"
+    out, ref = net(x), ref_net(x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for (name, p), q in zip(net.named_parameters(), ref_net.parameters()):
+        if q.grad is not None:
+            scale = q.grad.abs().max().item()
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-10 * scale + 1e-14, msg=name)
+    with torch.inference_mode():
+        torch.testing.assert_close(net.eval()(x), ref_net.eval()(x), rtol=1e-10, atol=1e-10)
+
+
 def test_analytic_macs_match_the_spec() -> None:
     """Spec §c.5 (224 px): ResNet18 1.814 G; KW 1x 2.199 G of which kernel assembly 0.385 G."""
     from kernelwarehouse.bench import macs_per_image
