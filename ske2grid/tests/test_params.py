@@ -9,6 +9,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
+import common.config  # noqa: F401 - registers the shared schemas (osvai_base) that train.yaml starts with
 from ske2grid.models import create_model, model_from_config
 from ske2grid.ske2grid import Ske2Grid
 
