@@ -97,7 +97,7 @@ def test_bad_input_missing_imagenet_root_exits_2_in_one_line(tmp_path: Path) -> 
     assert result.returncode == 2, result.stderr[-2000:]
     assert str(missing) in result.stderr and "{train,val}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not (tmp_path / "run").exists()  # nothing written
+    assert not list((tmp_path / "run").rglob("*.pt")) and not (tmp_path / "run" / "result.json").exists()
 
 
 def test_bad_input_malformed_imagenet_root(tmp_path: Path) -> None:
