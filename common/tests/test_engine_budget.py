@@ -41,13 +41,13 @@ def test_poly_schedule_over_an_iteration_budget() -> None:
 
 def test_iteration_budget_is_complete_and_evaluates_every_n_steps(tmp_path: Path) -> None:
     # 96 samples / 16 = 6 steps per epoch: the budget of 10 ends inside the second epoch
-    t = _trainer(tmp_path)
+    t = _trainer(tmp_path / "run")  # its own folder: resume=auto looks at sibling runs
     metrics = t.fit()
     assert t.global_step == 10 and t.epochs == 2
     assert [h["epoch"] for h in t.history] == [0, 1, 1]  # steps 4, 8 and the final 10
-    rec = read_record(tmp_path / "result.json")
+    rec = read_record(tmp_path / "run" / "result.json")
     assert rec.complete and metrics["steps"] == 10
-    assert load_checkpoint(tmp_path / "last.pt")["global_step"] == 10
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["global_step"] == 10
 
 
 def test_budget_resume_is_exact(tmp_path: Path) -> None:
