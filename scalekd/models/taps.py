@@ -13,6 +13,7 @@ input, so any resolution the timm model accepts works.
 
 from __future__ import annotations
 
+import abc
 import math
 
 from torch import Tensor, nn
@@ -94,17 +95,19 @@ def student_taps(model: nn.Module, s3_index: int | None = None) -> StudentTaps:
     return StudentTaps(model, s3_index)
 
 
-class TeacherAdapter:
+class TeacherAdapter(abc.ABC):
     """Protocol of a ScaleKD teacher (j): stage outputs, the last stage Phi, and an optional tail."""
 
     model: nn.Module
     is_vit: bool = False
 
+    @abc.abstractmethod
     def stage_outputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        raise NotImplementedError
+        """(T3, T4, logits) of the teacher for images `x`."""
 
+    @abc.abstractmethod
     def last_stage(self, tokens: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
-        raise NotImplementedError
+        """Phi: the frozen last stage applied to stage-3-shaped tokens (autograd flows to the input)."""
 
     def tail(self, tokens: Tensor) -> Tensor:
         return tokens

@@ -10,6 +10,7 @@ RepDistiller ResNet-8..110 / x4 (head `fc`), ZSKT WRN-d-k (pre-activation), RepD
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -18,15 +19,16 @@ from torch import Tensor, nn
 from torchvision.models import MobileNetV2 as _TVMobileNetV2
 
 
-class _Classifier(nn.Module):
+class _Classifier(nn.Module, metaclass=abc.ABCMeta):
     """timm's contract: `forward(x) = forward_head(forward_features(x))`."""
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return x if pre_logits else self.get_classifier()(x)
 
+    @abc.abstractmethod
     def get_classifier(self) -> nn.Module:
-        raise NotImplementedError
+        """The final linear layer."""
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
