@@ -34,7 +34,7 @@ from common.config import (
     hydra_main,
     run_dir,
     save_resolved,
-    validate,
+    validate_groups,
 )
 from common.data.segmentation import majority_class_miou, write_synthetic_segmentation
 from common.dist import DistEnv, barrier, cleanup, init_distributed
@@ -75,16 +75,8 @@ def parse(cfg: DictConfig) -> RunConfig:
     """Validate every group before anything is written; a wrong key or value is one line naming it."""
     if cfg.get("task") not in TASKS:
         raise UserError(f"config task={cfg.get('task')!r}: choose one of {', '.join(TASKS)}")
-    return RunConfig(
-        data=check_data(cfg.data),
-        model=check_model(cfg.model),
-        method=check_method(cfg.method),
-        evaluation=validate(cfg.evaluation, EvalConfig, "evaluation."),
-        trainer=validate(cfg.trainer, TrainerConfig, "trainer."),
-        optim=validate(cfg.optim, OptimConfig, "optim."),
-        schedule=validate(cfg.schedule, ScheduleConfig, "schedule."),
-        logger=validate(cfg.logger, LoggerConfig, "logger."),
-    )
+    return validate_groups(cfg, RunConfig, data=check_data(cfg.data), model=check_model(cfg.model),
+                           method=check_method(cfg.method))
 
 
 def prepare_data(d: DataConfig, env: DistEnv) -> None:

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import os
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -227,6 +228,23 @@ def validate(cfg: Any, schema: type[T], prefix: str = "") -> T:
     except OmegaConfBaseException as err:
         raise UserError(_one_line(err, prefix)) from None
     return obj  # type: ignore[return-value]
+
+
+def validate_groups(cfg: DictConfig, schema: type[T], **given: Any) -> T:
+    """A run's config as the dataclass `schema`: every field whose type is a dataclass is `validate`d
+    from the group of the same name (errors name `group.key`); the other fields come from `given`."""
+    hints = typing.get_type_hints(schema)
+    values = dict(given)
+    for f in dataclasses.fields(schema):  # type: ignore[arg-type]
+        if f.name in values:
+            continue
+        kind = hints[f.name]
+        if not (isinstance(kind, type) and dataclasses.is_dataclass(kind)):
+            raise TypeError(f"validate_groups: pass {schema.__name__}.{f.name} explicitly (not a dataclass group)")
+        if f.name not in cfg:
+            raise UserError(f"config: group {f.name!r} is missing; add it to the experiment or pass {f.name}=...")
+        values[f.name] = validate(cfg[f.name], kind, f"{f.name}.")
+    return schema(**values)
 
 
 def _one_line(err: OmegaConfBaseException, prefix: str = "") -> str:

@@ -34,7 +34,7 @@ from common.config import (
     hydra_main,
     run_dir,
     save_resolved,
-    validate,
+    validate_groups,
 )
 from common.dist import cleanup, init_distributed
 from common.engine import Hook, Progress, RunInfo, Trainer
@@ -98,12 +98,7 @@ class Config:
 
 
 def validate_config(cfg: DictConfig) -> Config:
-    c = Config(model=validate(cfg.model, ModelConfig, "model."), data=validate(cfg.data, DataConfig, "data."),
-               method=validate(cfg.method, MethodConfig, "method."),
-               optim=validate(cfg.optim, OptimConfig, "optim."),
-               schedule=validate(cfg.schedule, ScheduleConfig, "schedule."),
-               trainer=validate(cfg.trainer, TrainerConfig, "trainer."),
-               logger=validate(cfg.logger, LoggerConfig, "logger."))
+    c = validate_groups(cfg, Config)
     check_choice("model.arch", c.model.arch, ARCHS)
     check_choice("model.sgt", c.model.sgt, ("handcrafted", "learnable"))
     check_choice("model.sgt_mode", c.model.sgt_mode, ("frozen", "ste", "gumbel"))

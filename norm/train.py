@@ -34,7 +34,7 @@ from common.config import (
     hydra_main,
     run_dir,
     save_resolved,
-    validate,
+    validate_groups,
 )
 from common.data import CIFAR, MNIST, ImageFolder, build_transforms, split_indices, write_synthetic_cifar
 from common.dist import DistEnv, barrier, cleanup, init_distributed
@@ -115,15 +115,7 @@ class RunConfig:
 
 def parse(cfg: DictConfig) -> RunConfig:
     """Validate every group; a wrong key or value is a one-line error naming it."""
-    run = RunConfig(
-        data=validate(cfg.data, DataConfig, "data."),
-        model=validate(cfg.model, ModelConfig, "model."),
-        method=validate(cfg.method, MethodConfig, "method."),
-        trainer=validate(cfg.trainer, TrainerConfig, "trainer."),
-        optim=validate(cfg.optim, OptimConfig, "optim."),
-        schedule=validate(cfg.schedule, ScheduleConfig, "schedule."),
-        logger=validate(cfg.logger, LoggerConfig, "logger."),
-    )
+    run = validate_groups(cfg, RunConfig)
     check_choice("data.name", run.data.name, ("cifar100", "imagenet", "synthetic_cifar", "mnist"))
     check_choice("method.name", run.method.name, ("norm", "ce"))
     check_choice("model.student", run.model.student, MODEL_NAMES)

@@ -34,7 +34,7 @@ from common.config import (
     hydra_main,
     run_dir,
     save_resolved,
-    validate,
+    validate_groups,
 )
 from common.dist import DistEnv, cleanup, init_distributed, scale_lr
 from common.engine import Hook, Progress, RunInfo, Trainer
@@ -66,15 +66,7 @@ class RunConfig:
 
 def parse(cfg: DictConfig) -> RunConfig:
     """Validate every group; a wrong key or value is one line naming it."""
-    run = RunConfig(
-        data=validate(cfg.data, DataConfig, "data."),
-        model=validate(cfg.model, ModelConfig, "model."),
-        method=validate(cfg.method, MethodConfig, "method."),
-        trainer=validate(cfg.trainer, TrainerConfig, "trainer."),
-        optim=validate(cfg.optim, OptimConfig, "optim."),
-        schedule=validate(cfg.schedule, ScheduleConfig, "schedule."),
-        logger=validate(cfg.logger, LoggerConfig, "logger."),
-    )
+    run = validate_groups(cfg, RunConfig)
     check_data(run.data)
     check_method(run.model, run.method)
     if run.schedule.name != "constant" or run.schedule.warmup_epochs:

@@ -33,7 +33,7 @@ from common.config import (
     hydra_main,
     run_dir,
     save_resolved,
-    validate,
+    validate_groups,
 )
 from common.data import ImageFolder, build_transforms, write_synthetic_imagefolder
 from common.dist import cleanup, init_distributed
@@ -145,14 +145,8 @@ class RunConfig:
 
 def parse(cfg: DictConfig) -> RunConfig:
     """Validate every group; a wrong key or value is a one-line error naming it."""
-    r = RunConfig(
-        data=validate(cfg.data, DataConfig, "data."),
-        model=validate(cfg.model, ModelConfig, "model."),
-        method=validate(cfg.method, MethodConfig, "method."),
-        trainer=validate(cfg.trainer, TrainerConfig, "trainer."),
-        optim=validate(cfg.optim, OptimConfig, "optim."),
-        schedule=validate(cfg.schedule, ScheduleConfig, "schedule."),
-        logger=validate(cfg.logger, LoggerConfig, "logger."),
+    r = validate_groups(
+        cfg, RunConfig,
         no_decay_keys=[str(k) for k in cfg.get("no_decay_keys") or []],
         eval_on_ema=bool(cfg.get("eval_on_ema", False)),
     )

@@ -45,7 +45,7 @@ from common.config import (
     hydra_main,
     run_dir,
     save_resolved,
-    validate,
+    validate_groups,
 )
 from common.data.base import write_marker
 from common.dist import DistEnv, barrier, cleanup, init_distributed
@@ -121,12 +121,7 @@ def validate_config(cfg: DictConfig) -> Config:
     unknown = sorted(set(cfg.keys()) - TOP_LEVEL)
     if unknown:
         raise UserError(f"config key {unknown[0]!r} is unknown; top-level keys: {', '.join(sorted(TOP_LEVEL))}")
-    c = Config(model=validate(cfg.model, ModelConfig, "model."), data=validate(cfg.data, DataConfig, "data."),
-               method=validate(cfg.method, MethodConfig, "method."),
-               optim=validate(cfg.optim, OptimConfig, "optim."),
-               schedule=validate(cfg.schedule, ScheduleConfig, "schedule."),
-               trainer=validate(cfg.trainer, TrainerConfig, "trainer."),
-               logger=validate(cfg.logger, LoggerConfig, "logger."))
+    c = validate_groups(cfg, Config)
     check_choice("model.name", c.model.name, MODELS)
     if c.model.name == "stgcn" and (c.model.grid_shape or c.model.progressive_joint_seq):
         raise UserError("config model.grid_shape / model.progressive_joint_seq: ST-GCN has no grid (spec §c)")

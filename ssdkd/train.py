@@ -40,7 +40,7 @@ from common.config import (
     hydra_main,
     run_dir,
     save_resolved,
-    validate,
+    validate_groups,
 )
 from common.data import CIFAR, MNIST, build_transforms, split_indices, write_synthetic_cifar
 from common.dist import DistEnv, barrier, cleanup, init_distributed
@@ -100,16 +100,7 @@ class RunConfig:
 
 def parse(cfg: DictConfig) -> RunConfig:
     """Validate every group; a wrong key or value is a one-line error naming it."""
-    run = RunConfig(
-        data=validate(cfg.data, DataConfig, "data."),
-        model=validate(cfg.model, ModelConfig, "model."),
-        teacher_training=validate(cfg.teacher_training, TeacherTrainingConfig, "teacher_training."),
-        method=OmegaConf.to_container(cfg.method, resolve=True),  # type: ignore[arg-type]
-        trainer=validate(cfg.trainer, TrainerConfig, "trainer."),
-        optim=validate(cfg.optim, OptimConfig, "optim."),
-        schedule=validate(cfg.schedule, ScheduleConfig, "schedule."),
-        logger=validate(cfg.logger, LoggerConfig, "logger."),
-    )
+    run = validate_groups(cfg, RunConfig, method=OmegaConf.to_container(cfg.method, resolve=True))
     validate_method(run.method)
     if run.data.name not in DATASETS:
         raise UserError(f"config data.name={run.data.name!r}: valid: {', '.join(DATASETS)}")

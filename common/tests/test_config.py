@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from common.config import TrainerConfig, check_choice, compose, save_resolved, validate
+from common.config import TrainerConfig, check_choice, compose, save_resolved, validate, validate_groups
 from common.errors import UserError
 from common.example.train import CONFIG_DIR, DataConfig, run
 
@@ -38,6 +39,23 @@ def test_validate_names_the_key() -> None:
         validate(compose(CONFIG_DIR, ["experiment=mnist_cnn"]).data, DataConfig, "data.")
     with pytest.raises(UserError, match="choose one of a, b"):
         check_choice("x", "c", ("a", "b"))
+
+
+@dataclass
+class _Run:
+    trainer: TrainerConfig
+    tag: str
+
+
+def test_validate_groups_types_each_group_and_names_the_key() -> None:
+    run = validate_groups(compose(CONFIG_DIR, ["experiment=mnist_cnn", "data.root=/x"]), _Run, tag="t")
+    assert isinstance(run.trainer, TrainerConfig) and run.trainer.epochs == 2 and run.tag == "t"
+    with pytest.raises(UserError, match=r"config trainer\.epochz"):
+        validate_groups({"trainer": {"epochz": 1}}, _Run, tag="t")
+    with pytest.raises(UserError, match="group 'trainer' is missing"):
+        validate_groups({}, _Run, tag="t")
+    with pytest.raises(TypeError, match="_Run.tag"):  # a non-group field must be given by the caller
+        validate_groups({"trainer": {}}, _Run)
 
 
 def test_trainer_values_are_checked() -> None:
