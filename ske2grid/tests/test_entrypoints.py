@@ -98,6 +98,24 @@ def test_convert_eval_roundtrip(tmp_path: Path) -> None:
     assert metrics["release"] == metrics["converted"]
 
 
+@pytest.mark.slow
+def test_torchrun_two_processes_train_one_record(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2 -m ske2grid.train` (gloo, CPU): the global batch of 8 is split 4 + 4, so the
+    16 training clips still make 2 optimiser steps; rank 0 alone reports the run's test."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OSVAI_TRACEBACK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ske2grid.train",
+           "experiment=ske2grid_d5_ntu60_xsub_hrnet", *tiny(tmp_path), f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    record = read_record(run_dir / "result.json")
+    assert record.kind == "trained" and record.metrics["steps"] == 2.0 and record.extra["test_clips"] == 2
+    assert 0.0 <= record.metrics["top1"] <= 100.0
+    assert proc.stdout.count("2-clip test top1=") == 1  # one test report: rank 0's
+
+
 def test_train_sigterm_exits_143_then_resume_finishes(tmp_path: Path) -> None:
     from common.testing import sigterm_then_resume
 
