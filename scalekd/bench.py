@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"{describe(cfg)}; every step includes the teacher's forward")
     records = compare(candidates, cfg)
     print_table(records, baseline=NAMES["baseline"])
+    for r in records:  # the spread shows whether the machine was quiet enough for the medians to mean something
+        print(f"{r['name']}: seconds per round {', '.join(f'{t:.2f}' for t in r['times'])}")
     for k, note in (("kd", ""), ("scalekd", "  (derivation: ~2.2x; target <= 2.2x)")):
         print(f"{NAMES[k]} / ({NAMES['baseline']}): {ratio(records, 'train', NAMES[k], NAMES['baseline']):.2f}x{note}")
     return records

@@ -17,6 +17,7 @@ Token tensors are B x L x C with row-major grids (token index = h * W + w); maps
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -142,17 +143,25 @@ def idct_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.device
     return inv.to(dtype)
 
 
+@functools.lru_cache(maxsize=32)
+def _dct_basis(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(M^T, M^-1) for one axis length, built once per (n, dtype, device); the official code rebuilds them
+    every call. Plain (non-inference) constants, so a first call under inference mode cannot poison autograd."""
+    with torch.inference_mode(False), torch.no_grad():
+        return dct_matrix(n, dtype, device).t().contiguous(), idct_matrix(n, dtype, device)
+
+
 def dct_2d(x: Tensor) -> Tensor:
     """2-D DCT-II over the last two axes: Y = M_H^T X M_W (official `DCT.forward`)."""
-    mh = dct_matrix(x.shape[-2], x.dtype, x.device)
-    mw = dct_matrix(x.shape[-1], x.dtype, x.device)
-    return mh.t() @ x @ mw
+    mh_t = _dct_basis(x.shape[-2], x.dtype, x.device)[0]
+    mw = _dct_basis(x.shape[-1], x.dtype, x.device)[0].t()
+    return mh_t @ x @ mw
 
 
 def idct_2d(y: Tensor) -> Tensor:
     """Inverse of `dct_2d` (official `DCT.inverse`)."""
-    ih = idct_matrix(y.shape[-2], y.dtype, y.device)
-    iw = idct_matrix(y.shape[-1], y.dtype, y.device)
+    ih = _dct_basis(y.shape[-2], y.dtype, y.device)[1]
+    iw = _dct_basis(y.shape[-1], y.dtype, y.device)[1]
     return ih.t() @ y @ iw
 
 
@@ -164,8 +173,8 @@ def remove_dc(x: Tensor, method: str = "dct") -> Tensor:
     if method != "dct":
         raise ValueError(f"frequency_view must be 'dct' or 'mean', got {method!r}")
     y = dct_2d(x)
-    mask = torch.ones_like(y[..., :1, :1]).expand_as(y).clone()
-    mask[..., 0, 0] = 0
+    mask = torch.ones(y.shape[-2:], dtype=y.dtype, device=y.device)
+    mask[0, 0] = 0
     return idct_2d(y * mask)
 
 

@@ -31,3 +31,4 @@ def test_bench_cli_prints_the_ratios(monkeypatch, capsys) -> None:  # noqa: ANN0
     assert {r["name"] for r in records} == set(bench.NAMES.values())
     assert all(r["peak_bytes"] and r["peak_bytes"] > 0 for r in records)
     assert "ScaleKD step (4 CAPs, TPP, KD) / (teacher forward + student step): " in out and "KD step" in out
+    assert out.count("seconds per round") == 3

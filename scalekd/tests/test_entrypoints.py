@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,27 @@ def test_train_sigterm_exits_143_then_resume_finishes(tmp_path: Path) -> None:
     sigterm_then_resume("scalekd.train", args, run_dir, resume_args=("trainer.epochs=1",))
     record = json.loads((run_dir / "result.json").read_text())
     assert record["kind"] == "trained" and record["extra"]["viewed_samples"] == record["metrics"]["steps"] * 4
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_scalekd_smoke(tmp_path: Path) -> None:
+    """The documented 2-process run: torchrun (gloo, CPU) trains the ScaleKD smoke student for an epoch; one
+    result.json (rank 0) with the global batch's viewed samples and the teacher checked on the sharded eval."""
+    run_dir = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT", "OSVAI_TRACEBACK")}
+    env |= {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scalekd.train",
+           *_overrides(tmp_path, f"model.teacher_checkpoint={_teacher_file(tmp_path)}", "trainer.epochs=1",
+                       "trainer.device=cpu", f"hydra.run.dir={run_dir}")]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    record = json.loads((run_dir / "result.json").read_text())
+    assert record["kind"] == "trained" and record["extra"]["method"] == "scalekd"
+    assert record["extra"]["global_batch"] == 4 and record["metrics"]["steps"] == 5  # 20 images / global batch 4
+    assert record["extra"]["viewed_samples"] == 20 and "teacher_top1" in record["extra"]
+    assert out.count("viewed samples: 20 ") == 1  # printed by rank 0 only
 
 
 # ---------------------------------------------------------------------------------------------------
