@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise UserError("config checkpoint is not set: pass checkpoint=<best.pt of a run, a scalekd.convert "
                         "output, or an official .pth>")
     env = init_distributed(r.trainer.device)
-    _, val_set = build_data(r.data, env.is_main)
+    _, val_set = build_data(r.data)
     net, origin = load_network(r, str(cfg.checkpoint), cfg.get("checkpoint_key"))
     net = net.to(env.device).eval()
     loader = eval_loader(val_set, r.trainer.eval_batch or r.trainer.global_batch, env, r.trainer.workers)

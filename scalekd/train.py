@@ -36,7 +36,7 @@ from common.config import (
     validate_groups,
 )
 from common.data import ImageFolder, build_transforms, write_synthetic_imagefolder
-from common.dist import barrier, cleanup, init_distributed
+from common.dist import cleanup, init_distributed
 from common.engine import Hook, RunInfo, Trainer, eval_loader
 from common.errors import UserError
 from common.tasks import ClassificationTask, evaluate
@@ -169,18 +169,14 @@ def parse(cfg: DictConfig) -> RunConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_data(cfg: DataConfig, is_main: bool = True) -> tuple[Dataset, Dataset]:
-    """ImageNet class folders (train/, val/) through common's reader with the row's transforms (d.1, d.2).
-
-    Synthetic data is written by the main process only (the others wait at a barrier under torchrun)."""
+def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """ImageNet class folders (train/, val/) through common's reader with the row's transforms (d.1, d.2)."""
     if cfg.root is None:
         raise UserError("config data.root is not set: pass data.root=<folder holding train/<wnid>/*.JPEG and "
                         "val/<wnid>/*.JPEG> (spec f), or profile=smoke for synthetic data")
     if cfg.name == "synthetic_imagenet":
-        if is_main:
-            write_synthetic_imagefolder(cfg.root, cfg.num_classes, cfg.train_per_class, cfg.val_per_class,
-                                        image_size=max(cfg.image_size, 32), seed=0)
-        barrier()
+        write_synthetic_imagefolder(cfg.root, cfg.num_classes, cfg.train_per_class, cfg.val_per_class,
+                                    image_size=max(cfg.image_size, 32), seed=0)
     t, e = cfg.train, cfg.eval
     auto_augment, magnitude = _rand_augment(t.auto_augment)
     train_tf = build_transforms("imagenet", True, cfg.image_size, interpolation=t.interpolation, hflip=t.hflip,
@@ -330,7 +326,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     env = init_distributed(r.trainer.device)
     out = run_dir(cfg, "scalekd", str(cfg.name))
     torch.manual_seed(r.trainer.seed)
-    train_set, val_set = build_data(r.data, env.is_main)
+    train_set, val_set = build_data(r.data)
     teacher = build_teacher(r) if r.method.name != "ce" else None  # before anything is written
     if env.is_main:
         save_resolved(cfg, out)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from common.errors import UserError
 
 MARKER_NAME = ".osvai_synthetic.json"
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class DatasetError(UserError):
@@ -29,3 +33,26 @@ def write_marker(folder: Path, record: dict[str, Any]) -> None:
     tmp = folder / (MARKER_NAME + ".tmp")
     tmp.write_text(json.dumps(record, sort_keys=True))
     os.replace(tmp, folder / MARKER_NAME)
+
+
+def main_process_first(writer: F) -> F:
+    """Run a synthetic writer on each node's first process before the others (torch's process group, if
+    one is initialised): they wait at a barrier, then call it and find the marker, so torchrun ranks never
+    write one folder at once. Every rank must call the writer (as every rank builds its datasets)."""
+
+    @functools.wraps(writer)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return writer(*args, **kwargs)
+        first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+        if not first:
+            dist.barrier()
+        try:
+            return writer(*args, **kwargs)
+        finally:
+            if first:
+                dist.barrier()
+
+    return wrapped  # type: ignore[return-value]

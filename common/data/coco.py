@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.data.base import DatasetError, write_marker
+from common.data.base import DatasetError, main_process_first, write_marker
 from common.data.imagefolder import load_rgb
 from common.data.synthetic import FORMAT_VERSION, _prepare, class_images
 
@@ -119,6 +119,7 @@ def synthetic_category_ids(num_classes: int) -> list[int]:
     return [c + 1 + c // 3 for c in range(num_classes)]
 
 
+@main_process_first
 def write_synthetic_coco(root: str | os.PathLike, num_classes: int = 10, train_images: int = 256,
                          val_images: int = 96, image_size: int = 64, max_objects: int = 3,
                          unlabelled_fraction: float = 0.05, seed: int = 0, year: str = "2014") -> Path:

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from common.data.base import DatasetError, read_marker, write_marker
+from common.data.base import DatasetError, main_process_first, read_marker, write_marker
 
 SPEC = "SSD-KD spec f"
 NUM_CLASSES = 13
@@ -125,6 +125,7 @@ class NYUv2Transform:
         return (x - self.mean) / self.std, y
 
 
+@main_process_first
 def write_synthetic_nyuv2(root: str | os.PathLike, n_train: int = 16, n_test: int = 8, size: tuple[int, int] = (48, 64),
                           seed: int = 0) -> Path:
     """A small learnable NYUv2 in the official layout under `root/NYUv2`: each image is split into vertical bands

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.data.base import DatasetError, read_marker, write_marker
+from common.data.base import DatasetError, main_process_first, read_marker, write_marker
 
 __all__ = [
     "SEGMENTATION_DATASETS",
@@ -335,6 +335,7 @@ def _write_jpg(path: Path, image: np.ndarray) -> None:
         raise DatasetError(f"OpenCV could not write {path}")
 
 
+@main_process_first
 def write_synthetic_segmentation(name: str, root: str | os.PathLike, num_classes: int | None = None,
                                  sizes: dict[str, int] | None = None, height: int = 48, width: int = 48,
                                  seed: int = 0, write_lists: bool = True) -> Path:

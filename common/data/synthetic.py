@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from common.data.base import MARKER_NAME, DatasetError, read_marker, write_marker
+from common.data.base import MARKER_NAME, DatasetError, main_process_first, read_marker, write_marker
 from common.data.cifar import LAYOUTS
 
 FORMAT_VERSION = 1
@@ -99,6 +99,7 @@ def class_name(c: int) -> str:
     return f"class_{c:03d}"
 
 
+@main_process_first
 def write_synthetic_imagefolder(
     root: str | os.PathLike,
     num_classes: int = 10,
@@ -140,6 +141,7 @@ def write_synthetic_imagefolder(
     return root
 
 
+@main_process_first
 def write_synthetic_cifar(
     root: str | os.PathLike,
     num_classes: int = 100,

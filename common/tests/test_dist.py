@@ -87,3 +87,30 @@ def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
             ScheduleConfig(name="constant"), tmp_path / "single", task=ClassificationTask(), model=method.model).fit()
     for k, v in method.model.state_dict().items():
         torch.testing.assert_close(got["weights"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def _write_cifar_in_rank(rank: int, world: int, root: str, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from common.data import write_synthetic_cifar
+    from common.data.base import read_marker
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        folder = write_synthetic_cifar(root, 10, 4, 2, seed=0)
+        Path(out, f"rank{rank}").write_text(str(read_marker(folder) is not None))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synthetic_writer_main_process_first_under_two_ranks(tmp_path: Path) -> None:
+    """torchrun ranks call the same writer: rank 0 writes, the other waits and then finds the marker."""
+    root, out = tmp_path / "data", tmp_path / "out"
+    out.mkdir()
+    init = f"file://{tmp_path / 'pg'}"
+    torch.multiprocessing.spawn(_write_cifar_in_rank, args=(2, str(root), init, str(out)), nprocs=2, join=True)
+    assert [Path(out, f"rank{r}").read_text() for r in (0, 1)] == ["True", "True"]
+    names = {p.name for p in (root / "cifar-10-batches-py").iterdir()}
+    assert {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"} <= names
+    assert not any(n.endswith(".tmp") for n in names)
