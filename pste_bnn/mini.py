@@ -45,6 +45,7 @@ def base_overrides(opts: dict[str, Any], seed: int) -> list[str]:
             f"trainer.epochs={opts['epochs']}", "trainer.global_batch=64", "trainer.max_device_batch=64",
             "trainer.workers=0", "trainer.device=cpu", "trainer.log_every=50", f"trainer.seed={seed}",
             f"trainer.precise_bn_batches={opts['precise_bn_batches']}",
+            f"method.selection.noise_seed={seed}",  # the Gumbel draws differ between seeds too (sparks variants)
             f"output_dir={opts['output_dir']}"]
 
 
