@@ -61,3 +61,13 @@ def test_reuse_step1_takes_only_a_finished_run_of_the_same_recipe(tmp_path: Path
     (run / "FINISHED").write_text("")
     assert finished_step1(cfg(8)) == ({"top1": 92.5}, run)
     assert finished_step1(cfg(7)) is None  # another recipe
+
+
+def test_unknown_variant_is_a_one_line_error_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pste_bnn.mini import main
+
+    with pytest.raises(SystemExit) as err:
+        main([f"output_dir={tmp_path}", "variants=bnn,sparks-zero"])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "sparks-zero" in message and message.count("\n") == 1
+    assert not (tmp_path / "pste_bnn").exists()
