@@ -39,3 +39,35 @@ def test_smoke_reproduce_every_variant_above_twice_chance(tmp_path: Path) -> Non
     assert len(records) == 5
     for r in records:
         assert r["profile"] == "smoke" and r["metrics"]["top1"] >= 20.0, (r["experiment"], r["metrics"])
+
+
+def test_reuse_step1_takes_only_a_finished_run_of_the_same_recipe(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from common.config import compose
+    from pste_bnn.mini import DEFAULTS, base_overrides, finished_step1
+    from pste_bnn.train import CONFIG_DIR
+
+    def cfg(epochs: int):
+        return compose(CONFIG_DIR, [*base_overrides({**DEFAULTS, "output_dir": str(tmp_path)}, 1),
+                                    f"trainer.epochs={epochs}", "method=step1", "name=mini_step1_s1"])
+
+    run = tmp_path / "pste_bnn" / "mini_step1_s1" / "20260101-000000"
+    run.mkdir(parents=True)
+    OmegaConf.save(cfg(8), run / "config.yaml")
+    (run / "best.pt").write_bytes(b"")
+    (run / "result.json").write_text(json.dumps({"metrics": {"top1": 92.5}}))
+    assert finished_step1(cfg(8)) is None  # not finished
+    (run / "FINISHED").write_text("")
+    assert finished_step1(cfg(8)) == ({"top1": 92.5}, run)
+    assert finished_step1(cfg(7)) is None  # another recipe
+
+
+def test_unknown_variant_is_a_one_line_error_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pste_bnn.mini import main
+
+    with pytest.raises(SystemExit) as err:
+        main([f"output_dir={tmp_path}", "variants=bnn,sparks-zero"])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "sparks-zero" in message and message.count("\n") == 1
+    assert not (tmp_path / "pste_bnn").exists()

@@ -54,10 +54,12 @@ def test_step2_from_step1_writes_record_accounting_and_export(step1: Path, tmp_p
         assert gammas[:3] == pytest.approx([1.0, 0.6, 0.2])
 
 
-@pytest.mark.parametrize("variant", ["snn", "sparks"])
+@pytest.mark.parametrize("variant", ["bnn", "snn", "fixed", "sparks"])  # the smoke's step-2 variants
 def test_resumed_step2_ends_bit_identical(step1: Path, tmp_path: Path, variant: str) -> None:
     """An interrupted and resumed run (mid-epoch) ends with exactly the weights of an uninterrupted one."""
     args = [f"method={variant}", f"method.init_checkpoint={step1}", "++method.refine_every=2"]
+    if variant == "fixed":  # the smoke's `freq` subset
+        args.append("method.fixed_subset=freq")
     _, whole = _run(tmp_path / "a", "whole", args)
     _, first = _run(tmp_path / "b", "cut", [*args, "trainer.max_steps=3"])
     _, rest = _run(tmp_path / "c", "rest", [*args, f"trainer.resume={first / 'last.pt'}"])
