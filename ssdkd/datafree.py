@@ -468,6 +468,10 @@ class FastMetaSynthesizer:
 
 
 # ------------------------------------------------------------------------ d.5 DeepInversion baseline
+class SynthesisStopped(RuntimeError):
+    """A synthesis call cut short by its `should_stop` callback (nothing is added to the pool)."""
+
+
 def jitter_and_flip(x: Tensor, lim: float = 1.0 / 8.0, flip: bool = True,
                     generator: torch.Generator | None = None) -> Tensor:
     """DeepInversion's augmentation: one random roll of up to +-lim of the size and one random flip per batch."""
@@ -498,6 +502,7 @@ class DeepInversionSynthesizer:
         self.lr, self.adv, self.bn, self.oh, self.tv, self.l2 = lr, adv, bn, oh, tv, l2
         self.student_bn, self.js_temperature, self.true_best = student_bn, js_temperature, true_best
         self.flip, self.channels = flip, channels  # no flip for digits; grey pixels repeated to the teacher's stem
+        self.should_stop: Callable[[], bool] | None = None  # checked every iteration (a bench's time limit)
         self.t_bn = BNStatisticsLoss(teacher, 0.0)
         self.s_bn = BNStatisticsLoss(student, 0.0) if any(isinstance(m, nn.BatchNorm2d) for m in student.modules()) \
             else None
@@ -518,6 +523,8 @@ class DeepInversionSynthesizer:
         best = inputs.detach().clone()
         best_logits = None
         for _ in range(self.iterations):
+            if self.should_stop is not None and self.should_stop():
+                raise SynthesisStopped(f"DeepInversion stopped by its time limit in call {self.calls}")
             x = jitter_and_flip(inputs, flip=self.flip)
             if self.channels is not None and x.shape[1] == 1 and self.channels != 1:
                 x = x.expand(-1, self.channels, -1, -1)

@@ -262,10 +262,15 @@ def build_optim(cfg: Mapping[str, Any], student: nn.Module) -> tuple[torch.optim
     tests, bench): cosine over the epochs after warm-up (T_max = trainer.epochs - method.warmup, eta_min =
     schedule.min_lr) or multi-step (schedule.milestones, decay_rate). Same keys as common's optim/schedule schemas;
     `ssdkd.train` runs the same recipe on common's Trainer (its timm optimizer and scheduler)."""
+    from common.dist import scale_lr
+
     o, s = cfg["optim"], cfg["schedule"]
     if o["name"] != "sgd":
         raise UserError(f"optim.name must be 'sgd' (the only optimiser of the recipes), got {o['name']!r}")
-    opt = torch.optim.SGD(student.parameters(), lr=float(_positive(o["lr"], "optim.lr")),
+    # optim.lr is the lr at optim.base_batch (None: as given), scaled to the KD batch as the Trainer does
+    lr = scale_lr(float(_positive(o["lr"], "optim.lr")), int(cfg["method"]["kd_batch_size"]), o.get("base_batch"),
+                  str(o.get("lr_scaling", "linear")))
+    opt = torch.optim.SGD(student.parameters(), lr=lr,
                           momentum=float(o.get("momentum", 0.9)), weight_decay=float(o.get("weight_decay", 0.0)),
                           nesterov=bool(o.get("nesterov", False)))
     if s["name"] == "cosine":

@@ -8,9 +8,10 @@
 Keys are ``common.reproduce``'s (roots also from ``$CIFAR10_ROOT`` / ``$CIFAR100_ROOT``; ``seeds`` default the
 spec's 3 for rows) plus ``teacher_dir``: the Fast/CMI release folder holding ``<dataset>_<arch>.pth`` (spec d.1).
 A row whose teacher is not there is skipped by name (NYUv2: ``nyuv2_root`` and
-``<teacher_dir>/nyuv2_deeplabv3_resnet50.pth``; its distillation is our reading of spec d.3, README). The smoke runs (``paper.yaml``) train a small teacher on synthetic CIFAR-10 pickles, then SSD-KD,
-Fast-2 and DeepInversion (2,000 iterations per batch) from the same student init, and print held-out top-1
-against t_inv / t_kd / t_total and samples generated, labelled smoke.
+``<teacher_dir>/nyuv2_deeplabv3_resnet50.pth``; its distillation is our reading of spec d.3, README). The smoke
+runs (``paper.yaml``) train a small teacher on synthetic CIFAR-10 pickles, then SSD-KD, Fast-2 and DeepInversion
+(2,000 iterations per batch) from the same student init, and print held-out top-1 against t_inv / t_kd / t_total
+and samples generated, labelled smoke.
 """
 
 from __future__ import annotations

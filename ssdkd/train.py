@@ -60,7 +60,7 @@ from common.tasks import ClassificationTask, Classifier, EvalContext, Segmentati
 from .convert import load_teacher
 from .datafree import NORMALIZE_DICT
 from .distiller import HarnessDistiller, build_method, build_real_kd, validate_method
-from .models import create_model, model_names
+from .models import SEGMENTATION_MODEL_DICT, create_model, model_names
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DATASETS = ("cifar10", "cifar100", "mnist", "nyuv2")
@@ -98,6 +98,7 @@ class TeacherTrainingConfig:
     epochs: int = 8
     global_batch: int = 64
     lr: float = 0.05
+    workers: int = 2  # data-loading processes (the KD loop itself needs none: its "dataset" is the step index)
 
 
 @dataclass
@@ -132,6 +133,16 @@ def parse(cfg: DictConfig) -> RunConfig:
     for key in ("teacher", "student"):
         if getattr(run.model, key) not in model_names():
             raise UserError(f"config model.{key}={getattr(run.model, key)!r}: valid: {', '.join(model_names())}")
+    seg = bool(run.method.get("segmentation_reading", False))
+    if run.data.name == "nyuv2" and not seg:
+        raise UserError("NYUv2 distillation runs our reading of spec d.3 (per-pixel KL at tau, image-level phi and "
+                        "L_oh; SSD-KD's is not public): set method.segmentation_reading=true to run it")
+    if seg and run.data.name != "nyuv2":
+        raise UserError(f"config method.segmentation_reading=true is for data=nyuv2, got data.name={run.data.name!r}")
+    for key in ("teacher", "student"):
+        if (getattr(run.model, key) in SEGMENTATION_MODEL_DICT) != (run.data.name == "nyuv2"):
+            raise UserError(f"config model.{key}={getattr(run.model, key)!r} does not fit data.name="
+                            f"{run.data.name!r} (DeepLabV3 for NYUv2, a classifier otherwise)")
     if run.trainer.epochs <= int(run.method["warmup"]):
         raise UserError(f"config trainer.epochs={run.trainer.epochs} counts the warm-up too: it must exceed "
                         f"method.warmup={run.method['warmup']}")
@@ -282,7 +293,8 @@ def get_teacher(r: RunConfig, train_set: Dataset, val_set: Dataset, out: Path, e
         teacher_dir.mkdir(parents=True, exist_ok=True)
         t = r.teacher_training
         net = create_model(arch, nc)
-        tcfg = dataclasses.replace(r.trainer, epochs=t.epochs, global_batch=t.global_batch, max_steps=None)
+        tcfg = dataclasses.replace(r.trainer, epochs=t.epochs, global_batch=t.global_batch, max_steps=None,
+                                   workers=t.workers)
         # teacher_training.lr is the lr at its own batch: the KD lr scaling (optim.base_batch) must not touch it
         # (it scaled 0.05 to 0.0125 and left the MNIST teacher at 85% after 3 epochs, measured)
         ocfg = dataclasses.replace(r.optim, lr=t.lr, base_batch=None)
