@@ -3,7 +3,7 @@
     python -m ssdkd.train experiment=cifar10_resnet34_resnet18_ssdkd data.root=/data/cifar10 \
         model.teacher_checkpoint=checkpoints/pretrained/cifar10_resnet34.pth
     python -m ssdkd.train experiment=cifar10_wrn40_2_wrn16_1_fast2 profile=smoke      # CPU, synthetic CIFAR-10
-    python -m ssdkd.train experiment=mnist_lenet_ssdkd                                 # the real-data check
+    python -m ssdkd.train experiment=mnist_resnet8_ssdkd data.root=../shared/data/mnist   # the real-data check
     torchrun --nproc_per_node=8 -m ssdkd.train experiment=... data.root=... model.teacher_checkpoint=...
 
 Data-free KD has no training set. It runs on the one loop as follows (spec b.7(vi)): one optimizer step is one
