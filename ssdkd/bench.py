@@ -9,7 +9,7 @@ built by `ssdkd.distiller.build_method` exactly as `ssdkd.train` builds them: th
 initialisation, the same inversion settings, each at its recipe's proportions (one synthesis call per epoch,
 KD steps per epoch SSD-KD k, Fast-2 and DeepInv 4k as 100 vs 400 in the recipes, 2,000 pixel iterations per
 DeepInversion batch) and the same `StageTimer` accounting (t_inv, t_kd, t_total; evaluation excluded, spec d.6).
-`epochs` (default 16: the 10 warm-up rounds + 6 KD epochs, so that the whole bench, DeepInv-2k's 10x included,
+`epochs` (default 14: the 10 warm-up rounds + 4 KD epochs, so that the whole bench, DeepInv-2k's 10x included,
 takes minutes on 2 CPU cores; item 9 runs 40) sets trainer.epochs of all three (DeepInv has no warm-up: it only
 stops by the rule below). Any other key=value is a Hydra override applied to all three (e.g.
 `method.kd_batch_size=32`).
@@ -86,7 +86,7 @@ def build_bench_runs(configs: dict[str, dict[str, Any]], teacher: nn.Module, *, 
 
 
 # ------------------------------------------------------------------------------------------ the CLI
-BENCH_KEYS = {"teacher": None, "epochs": 16, "deepinv_factor": 10.0, "deepinv_iterations": 2000,
+BENCH_KEYS = {"teacher": None, "epochs": 14, "deepinv_factor": 10.0, "deepinv_iterations": 2000,
               "output_dir": "outputs", "seed": 0}
 
 
