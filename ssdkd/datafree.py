@@ -128,18 +128,26 @@ def random_crop_flip(x: Tensor, padding: int = 4, flip: bool = True,
 class InversionAugment(nn.Module):
     """What the teacher/student see of a [0,1] image (spec b.3): crop(pad 4) + flip when `enabled`, then normalise.
 
-    The KD step uses the same transform (Fast's CIFAR training transform, spec b.6)."""
+    The KD step uses the same transform (Fast's CIFAR training transform, spec b.6). `padding` / `flip` follow the
+    teacher's own training transform (grey digits: pad 2, no flip); a 1-channel image is repeated to `channels`
+    after normalising (grey generator, RGB-stem teacher trained on grey repeated to 3 channels)."""
 
-    def __init__(self, normalizer: Normalizer, enabled: bool = True, padding: int = 4):
+    def __init__(self, normalizer: Normalizer, enabled: bool = True, padding: int = 4, flip: bool = True,
+                 channels: int | None = None):
         super().__init__()
         self.normalizer = normalizer
         self.enabled = enabled
         self.padding = padding
+        self.flip = flip
+        self.channels = channels
 
     def forward(self, x: Tensor) -> Tensor:
         if self.enabled:
-            x = random_crop_flip(x, self.padding)
-        return self.normalizer(x)
+            x = random_crop_flip(x, self.padding, self.flip)
+        x = self.normalizer(x)
+        if self.channels is not None and x.shape[1] == 1 and self.channels != 1:
+            x = x.expand(-1, self.channels, -1, -1)
+        return x
 
 
 # ---------------------------------------------------------------------------------- b.4 losses
@@ -246,27 +254,52 @@ class BNStatisticsLoss:
             h.remove()
 
 
+def image_level_logits(logits: Tensor) -> Tensor:
+    """Image-level class scores of a segmentation output (B, C, H, W): the log of the spatial mean of the per-pixel
+    softmax, so softmax of it is the mean per-pixel confidence and its arg-max the dominant class (spec d.3 reading
+    [RECON], used for L_oh, phi and the buffer's cached logits). (B, C) logits pass unchanged."""
+    if logits.dim() == 2:
+        return logits
+    return F.softmax(logits.float(), dim=1).flatten(2).mean(dim=2).clamp_min(1e-12).log()
+
+
+def _per_sample(values: Tensor) -> Tensor:
+    """(B,) unchanged; a per-pixel map (B, H, W) -> its mean over pixels (segmentation, spec d.3 reading)."""
+    return values if values.dim() == 1 else values.flatten(1).mean(dim=1)
+
+
 def one_hot_ce(t_logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-    """L_oh = CE(T(x_aug), y) (spec b.4)."""
+    """L_oh = CE(T(x_aug), y) (spec b.4); a segmentation output is scored by its image-level logits."""
+    if t_logits.dim() > 2:
+        return F.nll_loss(image_level_logits(t_logits), targets, reduction=reduction)
     return F.cross_entropy(t_logits, targets, reduction=reduction)
 
 
-def kl_per_sample(s_logits: Tensor, t_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """KL(p_T^tau || p_S^tau) per sample (no tau^2)."""
+def kl_map(s_logits: Tensor, t_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p_T^tau || p_S^tau) over the class dim 1 (no tau^2): (B,) for classifiers, (B, H, W) per pixel."""
     return F.kl_div(F.log_softmax(s_logits / temperature, dim=1), F.softmax(t_logits / temperature, dim=1),
                     reduction="none").sum(dim=1)
 
 
+def kl_per_sample(s_logits: Tensor, t_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p_T^tau || p_S^tau) per sample (no tau^2); per-pixel KL averaged over pixels for segmentation."""
+    return _per_sample(kl_map(s_logits, t_logits, temperature))
+
+
 def adversarial_kl(s_logits: Tensor, t_logits: Tensor, reduction: str = "mean") -> tuple[Tensor, Tensor]:
     """Masked adversarial term (spec b.4): -m_i KL(p_T || p_S) at T=1, m_i = 1[argmax S = argmax T] (no gradient
-    through the mask; gradient through both logits). Returns (loss, mask); `reduction="none"` gives per-sample."""
+    through the mask; gradient through both logits). Returns (loss, mask); `reduction="none"` gives per-sample.
+    Segmentation (spec d.3 reading): the mask and KL are per pixel, averaged over pixels per sample."""
     mask = (s_logits.argmax(1) == t_logits.argmax(1)).to(s_logits.dtype)
-    per = -kl_per_sample(s_logits, t_logits) * mask
+    per = _per_sample(-kl_map(s_logits, t_logits) * mask)
     return (per.mean() if reduction == "mean" else per), mask
 
 
 def kd_loss(s_logits: Tensor, t_logits: Tensor, temperature: float = 20.0, reduction: str = "batchmean") -> Tensor:
-    """tau^2 KL(p_T^tau || p_S^tau), batch-mean ("batchmean") or per sample ("none") (spec b.6)."""
+    """tau^2 KL(p_T^tau || p_S^tau), batch-mean ("batchmean") or per sample ("none") (spec b.6); segmentation:
+    per-pixel KL at the same tau averaged over pixels (spec d.3 reading)."""
+    if reduction == "batchmean" and s_logits.dim() > 2:
+        return kl_per_sample(s_logits, t_logits, temperature).mean() * temperature ** 2
     if reduction == "batchmean":
         q = F.log_softmax(s_logits / temperature, dim=1)
         p = F.softmax(t_logits / temperature, dim=1)
@@ -379,12 +412,13 @@ class FastMetaSynthesizer:
             with self.bn_loss.capture():
                 t_out = self.teacher(x_aug)
             loss_bn = self.bn_loss.loss()
+            t_img = image_level_logits(t_out.detach())  # = t_out for classifiers (segmentation: spec d.3 reading)
             if sample_weight_fn is None:  # Fast's batch-mean terms
                 loss_oh = one_hot_ce(t_out, targets)
                 loss_adv = adversarial_kl(self.student(x_aug), t_out)[0] if adversarial else t_out.new_zeros(())
                 loss = self.bn * loss_bn + self.oh * loss_oh + self.adv * loss_adv
             else:  # SSD-KD b.7(ii): L_bn + (1/B) sum_i phi_i [oh CE_i + adv ADV_i]
-                phi = sample_weight_fn(t_out.detach(), targets).detach()
+                phi = sample_weight_fn(t_img, targets).detach()
                 per = self.oh * one_hot_ce(t_out, targets, reduction="none")
                 if adversarial:
                     per = per + self.adv * adversarial_kl(self.student(x_aug), t_out, reduction="none")[0]
@@ -394,8 +428,7 @@ class FastMetaSynthesizer:
                 best_loss = torch.where(better, loss.detach(), best_loss)
                 best_images = images.detach() if best_images is None else torch.where(better, images.detach(),
                                                                                     best_images)
-                best_logits = t_out.detach() if best_logits is None else torch.where(better, t_out.detach(),
-                                                                                   best_logits)
+                best_logits = t_img if best_logits is None else torch.where(better, t_img, best_logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.is_maml:  # FOMAML: meta gradient = sum of the fast gradients, taken before each inner step
@@ -435,6 +468,10 @@ class FastMetaSynthesizer:
 
 
 # ------------------------------------------------------------------------ d.5 DeepInversion baseline
+class SynthesisStopped(RuntimeError):
+    """A synthesis call cut short by its `should_stop` callback (nothing is added to the pool)."""
+
+
 def jitter_and_flip(x: Tensor, lim: float = 1.0 / 8.0, flip: bool = True,
                     generator: torch.Generator | None = None) -> Tensor:
     """DeepInversion's augmentation: one random roll of up to +-lim of the size and one random flip per batch."""
@@ -457,12 +494,15 @@ class DeepInversionSynthesizer:
     def __init__(self, teacher: nn.Module, student: nn.Module, normalizer: Normalizer, *, num_classes: int,
                  img_size: tuple[int, int, int] = (3, 32, 32), batch_size: int = 256, iterations: int = 2000,
                  lr: float = 0.1, adv: float = 1.0, bn: float = 10.0, oh: float = 1.0, tv: float = 0.0,
-                 l2: float = 0.0, student_bn: float = 0.001, js_temperature: float = 3.0, true_best: bool = False):
+                 l2: float = 0.0, student_bn: float = 0.001, js_temperature: float = 3.0, true_best: bool = False,
+                 flip: bool = True, channels: int | None = None):
         self.teacher, self.student, self.normalizer = teacher, student, normalizer
         self.num_classes, self.img_size = num_classes, img_size
         self.batch_size, self.iterations = batch_size, iterations
         self.lr, self.adv, self.bn, self.oh, self.tv, self.l2 = lr, adv, bn, oh, tv, l2
         self.student_bn, self.js_temperature, self.true_best = student_bn, js_temperature, true_best
+        self.flip, self.channels = flip, channels  # no flip for digits; grey pixels repeated to the teacher's stem
+        self.should_stop: Callable[[], bool] | None = None  # checked every iteration (a bench's time limit)
         self.t_bn = BNStatisticsLoss(teacher, 0.0)
         self.s_bn = BNStatisticsLoss(student, 0.0) if any(isinstance(m, nn.BatchNorm2d) for m in student.modules()) \
             else None
@@ -483,7 +523,11 @@ class DeepInversionSynthesizer:
         best = inputs.detach().clone()
         best_logits = None
         for _ in range(self.iterations):
-            x = jitter_and_flip(inputs)
+            if self.should_stop is not None and self.should_stop():
+                raise SynthesisStopped(f"DeepInversion stopped by its time limit in call {self.calls}")
+            x = jitter_and_flip(inputs, flip=self.flip)
+            if self.channels is not None and x.shape[1] == 1 and self.channels != 1:
+                x = x.expand(-1, self.channels, -1, -1)
             use_student = self.adv > 0
             with self.t_bn.capture():
                 t_out = self.teacher(x)

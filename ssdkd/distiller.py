@@ -79,9 +79,9 @@ SYNTH_KEYS = {
 }
 METHOD_KEYS = {
     "ssdkd": {"name", "warmup", "kd_steps_per_epoch", "kd_batch_size", "temperature", "synthesis", "store", "phi",
-              "priority"},
+              "priority", "segmentation_reading"},
     "fast": {"name", "warmup", "kd_steps_per_epoch", "kd_batch_size", "temperature", "synth_per_epoch", "synthesis",
-             "store"},
+             "store", "segmentation_reading"},
     "deepinv": {"name", "warmup", "kd_steps_per_epoch", "kd_batch_size", "temperature", "synth_per_epoch",
                 "synthesis", "store"},
     "kd_real": {"name", "warmup", "kd_steps_per_epoch", "kd_batch_size", "temperature", "subset", "subset_seed",
@@ -159,6 +159,14 @@ def validate_method(method: Mapping[str, Any]) -> None:
     _positive(method["kd_batch_size"], "method.kd_batch_size")
 
 
+def inversion_augment(data: Mapping[str, Any], normalizer: Normalizer, enabled: bool = True) -> InversionAugment:
+    """The view teacher and student get of a [0,1] image (spec b.3): the dataset's training crop/flip (`data.
+    crop_padding`, `data.hflip`; CIFAR 4 / flip, grey digits 2 / no flip, as the teacher was trained), normalised,
+    a grey image repeated to the teacher's `data.in_chans`."""
+    return InversionAugment(normalizer, enabled=enabled, padding=int(data.get("crop_padding", 4)),
+                            flip=bool(data.get("hflip", True)), channels=int(data.get("in_chans", 3)))
+
+
 def build_method(cfg: Any, teacher: nn.Module, student: nn.Module,
                  device: torch.device | str = "cpu") -> DataFreeKD:
     """SSD-KD / Fast-k / DeepInv-k from a composed config (`method`, `data`, `optim`, `schedule`, `trainer`).
@@ -169,14 +177,16 @@ def build_method(cfg: Any, teacher: nn.Module, student: nn.Module,
     validate_method(method)
     if method["name"] == "kd_real":
         raise UserError("method kd_real reads real images: use ssdkd.distiller.build_real_kd(cfg, ..., images)")
-    if data["name"] == "nyuv2":
-        raise UserError("NYUv2 segmentation distillation is not implemented yet (spec d.3 readings pending); "
-                        "the DeepLabV3 models, the NYUv2 reader and mIoU are")
+    if data["name"] == "nyuv2" and not method.get("segmentation_reading", False):
+        raise UserError("NYUv2 distillation runs our reading of spec d.3 (per-pixel KL at tau, image-level phi and "
+                        "L_oh; SSD-KD's is not public): set method.segmentation_reading=true to run it")
+    if method.get("segmentation_reading", False) and method["synthesis"]["kind"] != "fast_meta":
+        raise UserError("method.segmentation_reading is for Fast meta-synthesis (SSD-KD, Fast-k) only")
     device = torch.device(device)
     num_classes = int(data["num_classes"])
     normalizer = Normalizer(**NORMALIZE_DICT[data["normalize"]]).to(device)
     syn_cfg = method["synthesis"]
-    augment = InversionAugment(normalizer, enabled=bool(syn_cfg.get("augment", True)))
+    augment = inversion_augment(data, normalizer, enabled=bool(syn_cfg.get("augment", True)))
     optimizer, scheduler = build_optim(cfg, student)
     img = int(syn_cfg.get("img_size") or data["image_size"])
     if syn_cfg["kind"] == "fast_meta":
@@ -192,7 +202,8 @@ def build_method(cfg: Any, teacher: nn.Module, student: nn.Module,
             teacher, student, normalizer, num_classes=num_classes, img_size=(int(syn_cfg["nc"]), img, img),
             batch_size=int(syn_cfg["batch_size"]), iterations=int(syn_cfg["iterations"]), lr=float(syn_cfg["lr"]),
             adv=float(syn_cfg["adv"]), bn=float(syn_cfg["bn"]), oh=float(syn_cfg["oh"]), tv=float(syn_cfg["tv"]),
-            l2=float(syn_cfg["l2"]), true_best=bool(syn_cfg["true_best"]))
+            l2=float(syn_cfg["l2"]), true_best=bool(syn_cfg["true_best"]), flip=augment.flip,
+            channels=augment.channels)
     timer = StageTimer(device)
     store = method["store"]
     if method["name"] == "ssdkd":
@@ -241,7 +252,7 @@ def build_real_kd(cfg: Any, teacher: nn.Module, student: nn.Module, train_images
     steps = -(-len(idx) // b) if steps is None else int(steps)
     normalizer = Normalizer(**NORMALIZE_DICT[data["normalize"]]).to(device)
     optimizer, scheduler = build_optim(cfg, student)
-    return DataFreeKD(teacher, student, None, pool, optimizer, scheduler, InversionAugment(normalizer),
+    return DataFreeKD(teacher, student, None, pool, optimizer, scheduler, inversion_augment(data, normalizer),
                       warmup=int(method["warmup"]), kd_steps=steps, batch_size=b,
                       temperature=float(method["temperature"]), timer=StageTimer(device))
 
@@ -251,10 +262,15 @@ def build_optim(cfg: Mapping[str, Any], student: nn.Module) -> tuple[torch.optim
     tests, bench): cosine over the epochs after warm-up (T_max = trainer.epochs - method.warmup, eta_min =
     schedule.min_lr) or multi-step (schedule.milestones, decay_rate). Same keys as common's optim/schedule schemas;
     `ssdkd.train` runs the same recipe on common's Trainer (its timm optimizer and scheduler)."""
+    from common.dist import scale_lr
+
     o, s = cfg["optim"], cfg["schedule"]
     if o["name"] != "sgd":
         raise UserError(f"optim.name must be 'sgd' (the only optimiser of the recipes), got {o['name']!r}")
-    opt = torch.optim.SGD(student.parameters(), lr=float(_positive(o["lr"], "optim.lr")),
+    # optim.lr is the lr at optim.base_batch (None: as given), scaled to the KD batch as the Trainer does
+    lr = scale_lr(float(_positive(o["lr"], "optim.lr")), int(cfg["method"]["kd_batch_size"]), o.get("base_batch"),
+                  str(o.get("lr_scaling", "linear")))
+    opt = torch.optim.SGD(student.parameters(), lr=lr,
                           momentum=float(o.get("momentum", 0.9)), weight_decay=float(o.get("weight_decay", 0.0)),
                           nesterov=bool(o.get("nesterov", False)))
     if s["name"] == "cosine":

@@ -7,10 +7,11 @@
 
 Keys are ``common.reproduce``'s (roots also from ``$CIFAR10_ROOT`` / ``$CIFAR100_ROOT``; ``seeds`` default the
 spec's 3 for rows) plus ``teacher_dir``: the Fast/CMI release folder holding ``<dataset>_<arch>.pth`` (spec d.1).
-A row whose teacher is not there, and the NYUv2 rows (segmentation distillation not implemented), are skipped
-by name. The smoke runs (``paper.yaml``) train a small teacher on synthetic CIFAR-10 pickles, then SSD-KD,
-Fast-2 and DeepInversion (2,000 iterations per batch) from the same student init, and print held-out top-1
-against t_inv / t_kd / t_total and samples generated, labelled smoke.
+A row whose teacher is not there is skipped by name (NYUv2: ``nyuv2_root`` and
+``<teacher_dir>/nyuv2_deeplabv3_resnet50.pth``; its distillation is our reading of spec d.3, README). The smoke
+runs (``paper.yaml``) train a small teacher on synthetic CIFAR-10 pickles, then SSD-KD, Fast-2 and DeepInversion
+(2,000 iterations per batch) from the same student init, and print held-out top-1 against t_inv / t_kd / t_total
+and samples generated, labelled smoke.
 """
 
 from __future__ import annotations
@@ -32,9 +33,6 @@ def full_runs(plan: Plan) -> list[Run]:
     runs: list[Run] = []
     for row in plan.rows:
         dataset = str(row["dataset"])
-        if dataset == "nyuv2":
-            print(f"skip {row['id']}: NYUv2 segmentation distillation is not implemented (README)")
-            continue
         root = plan.roots.get(dataset)
         if root is None:
             print(f"skip {row['id']}: no {dataset} root given ({dataset}_root=...)")

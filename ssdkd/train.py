@@ -3,7 +3,7 @@
     python -m ssdkd.train experiment=cifar10_resnet34_resnet18_ssdkd data.root=/data/cifar10 \
         model.teacher_checkpoint=checkpoints/pretrained/cifar10_resnet34.pth
     python -m ssdkd.train experiment=cifar10_wrn40_2_wrn16_1_fast2 profile=smoke      # CPU, synthetic CIFAR-10
-    python -m ssdkd.train experiment=mnist_lenet_ssdkd                                 # the real-data check
+    python -m ssdkd.train experiment=mnist_resnet8_ssdkd data.root=../shared/data/mnist   # the real-data check
     torchrun --nproc_per_node=8 -m ssdkd.train experiment=... data.root=... model.teacher_checkpoint=...
 
 Data-free KD has no training set. It runs on the one loop as follows (spec b.7(vi)): one optimizer step is one
@@ -42,16 +42,25 @@ from common.config import (
     save_resolved,
     validate_groups,
 )
-from common.data import CIFAR, MNIST, build_transforms, split_indices, write_synthetic_cifar
+from common.data import (
+    CIFAR,
+    MNIST,
+    NYUv2,
+    NYUv2Transform,
+    build_transforms,
+    split_indices,
+    write_synthetic_cifar,
+    write_synthetic_nyuv2,
+)
 from common.dist import DistEnv, barrier, cleanup, init_distributed
 from common.engine import Hook, Progress, RunInfo, Trainer, eval_loader
 from common.errors import UserError
-from common.tasks import ClassificationTask, Classifier, evaluate
+from common.tasks import ClassificationTask, Classifier, EvalContext, SegmentationTask
 
 from .convert import load_teacher
 from .datafree import NORMALIZE_DICT
 from .distiller import HarnessDistiller, build_method, build_real_kd, validate_method
-from .models import create_model, model_names
+from .models import SEGMENTATION_MODEL_DICT, create_model, model_names
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DATASETS = ("cifar10", "cifar100", "mnist", "nyuv2")
@@ -66,8 +75,13 @@ class DataConfig:
     train_size: int = 50_000  # |D_train|: the buffer is rho * train_size (spec b.7(i))
     image_size: int = 32
     normalize: str = "cifar10"  # Fast's NORMALIZE_DICT key: the teacher's input normalisation
+    crop_padding: int = 4  # the teacher's training crop/flip, also the inversion and KD view (spec b.3)
+    hflip: bool = True
+    in_chans: int = 3  # the teacher's input channels; a grey (synthesis.nc = 1) image is repeated to them
     train_per_class: int = 64  # synthetic only
     test_per_class: int = 16
+    resize: int = 256  # NYUv2: shorter side resized to this (image_size is the training crop), spec d.3
+    ignore_index: int = 255  # NYUv2 void label
 
 
 @dataclass
@@ -84,6 +98,7 @@ class TeacherTrainingConfig:
     epochs: int = 8
     global_batch: int = 64
     lr: float = 0.05
+    workers: int = 2  # data-loading processes (the KD loop itself needs none: its "dataset" is the step index)
 
 
 @dataclass
@@ -109,6 +124,16 @@ def parse(cfg: DictConfig) -> RunConfig:
     for key in ("teacher", "student"):
         if getattr(run.model, key) not in model_names():
             raise UserError(f"config model.{key}={getattr(run.model, key)!r}: valid: {', '.join(model_names())}")
+    seg = bool(run.method.get("segmentation_reading", False))
+    if run.data.name == "nyuv2" and not seg:
+        raise UserError("NYUv2 distillation runs our reading of spec d.3 (per-pixel KL at tau, image-level phi and "
+                        "L_oh; SSD-KD's is not public): set method.segmentation_reading=true to run it")
+    if seg and run.data.name != "nyuv2":
+        raise UserError(f"config method.segmentation_reading=true is for data=nyuv2, got data.name={run.data.name!r}")
+    for key in ("teacher", "student"):
+        if (getattr(run.model, key) in SEGMENTATION_MODEL_DICT) != (run.data.name == "nyuv2"):
+            raise UserError(f"config model.{key}={getattr(run.model, key)!r} does not fit data.name="
+                            f"{run.data.name!r} (DeepLabV3 for NYUv2, a classifier otherwise)")
     if run.trainer.epochs <= int(run.method["warmup"]):
         raise UserError(f"config trainer.epochs={run.trainer.epochs} counts the warm-up too: it must exceed "
                         f"method.warmup={run.method['warmup']}")
@@ -129,9 +154,6 @@ def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """(real training set, real held-out set). The training set only trains a teacher here (smoke, MNIST) or
     feeds KD on real data; students of data-free rows never see it. Nothing is downloaded."""
     mean, std = mean_std(cfg)
-    if cfg.name == "nyuv2":
-        raise UserError("NYUv2 segmentation distillation is not implemented yet (spec d.3 readings pending); "
-                        "the DeepLabV3 models, the NYUv2 reader and mIoU are")
     if cfg.root is None:
         hint = ("the folder of the MNIST IDX files (e.g. ../shared/data/mnist)" if cfg.name == "mnist" else
                 f"the folder holding cifar-{cfg.name[5:]}-{'batches-py' if cfg.num_classes == 10 else 'python'}/")
@@ -139,16 +161,23 @@ def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     if cfg.name == "mnist":  # t10k: 8,000 train (the teacher's), 2,000 held out (DESIGN s.3)
         tr, te = split_indices(10_000, 8_000, seed=0)
         tf = {"to_rgb": True, "mean": mean, "std": std}
-        return (MNIST.from_root(cfg.root, "test", build_transforms("mnist", True, cfg.image_size, padding=2, **tf),
-                                indices=tr),
+        train_tf = build_transforms("mnist", True, cfg.image_size, padding=cfg.crop_padding, **tf)
+        return (MNIST.from_root(cfg.root, "test", train_tf, indices=tr),
                 MNIST.from_root(cfg.root, "test", build_transforms("mnist", False, cfg.image_size, **tf), indices=te))
     if cfg.synthetic:  # rank 0 writes, the others wait (torchrun)
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_rank() == 0:
-            write_synthetic_cifar(cfg.root, cfg.num_classes, cfg.train_per_class, cfg.test_per_class, seed=0)
+            if cfg.name == "nyuv2":
+                write_synthetic_nyuv2(cfg.root, cfg.train_per_class, cfg.test_per_class, seed=0)
+            else:
+                write_synthetic_cifar(cfg.root, cfg.num_classes, cfg.train_per_class, cfg.test_per_class, seed=0)
         barrier()
-    train_tf = build_transforms(cfg.name, True, cfg.image_size, mean=mean, std=std)
+    if cfg.name == "nyuv2":  # Fast's pipeline (spec d.3): resize 256, 128 crops + flip; test: resize, full image
+        return (NYUv2(cfg.root, "train", NYUv2Transform(True, cfg.resize, cfg.image_size)),
+                NYUv2(cfg.root, "test", NYUv2Transform(False, cfg.resize)))
+    train_tf = build_transforms(cfg.name, True, cfg.image_size, mean=mean, std=std, padding=cfg.crop_padding,
+                                hflip=0.5 if cfg.hflip else 0.0)
     test_tf = build_transforms(cfg.name, False, cfg.image_size, mean=mean, std=std)
     return (CIFAR(cfg.root, cfg.num_classes, "train", train_tf), CIFAR(cfg.root, cfg.num_classes, "test", test_tf))
 
@@ -183,6 +212,20 @@ class DataFreeTask(ClassificationTask):
 
     def inputs(self, batch: Any) -> Any:
         raise UserError("data-free KD has no real training inputs (trainer.precise_bn_batches must be 0)")
+
+
+class DataFreeSegmentationTask(SegmentationTask):
+    """NYUv2 (spec d.3): the same KD step on replayed images; evaluation is the student's mIoU (13 classes, void
+    ignored) on the real test images at full resolution."""
+
+    losses = DataFreeTask.losses
+    inputs = DataFreeTask.inputs
+
+
+def build_task(cfg: DataConfig) -> ClassificationTask | SegmentationTask:
+    if cfg.name == "nyuv2":
+        return DataFreeSegmentationTask(cfg.num_classes, ignore_index=cfg.ignore_index)
+    return DataFreeTask(num_classes=cfg.num_classes)
 
 
 class DataFreeEpoch(Hook):
@@ -230,6 +273,9 @@ def get_teacher(r: RunConfig, train_set: Dataset, val_set: Dataset, out: Path, e
     arch, nc = r.model.teacher, r.data.num_classes
     if r.model.teacher_checkpoint is not None:
         return load_teacher(r.model.teacher_checkpoint, arch, nc)
+    if r.data.name == "nyuv2":
+        raise UserError(f"config model.teacher_checkpoint is not set: pass the NYUv2 {arch} teacher (a VainF/Fast "
+                        "DeepLabV3 state dict); segmentation teachers are not trained here")
     if not (r.data.synthetic or r.data.name == "mnist"):
         raise UserError(f"config model.teacher_checkpoint is not set: pass the {arch} teacher (Fast/CMI "
                         f"checkpoints/pretrained/{r.data.name}_{arch}.pth, spec d.1)")
@@ -238,8 +284,12 @@ def get_teacher(r: RunConfig, train_set: Dataset, val_set: Dataset, out: Path, e
         teacher_dir.mkdir(parents=True, exist_ok=True)
         t = r.teacher_training
         net = create_model(arch, nc)
-        tcfg = dataclasses.replace(r.trainer, epochs=t.epochs, global_batch=t.global_batch, max_steps=None)
-        trainer = Trainer(Classifier(net), train_set, val_set, tcfg, dataclasses.replace(r.optim, lr=t.lr),
+        tcfg = dataclasses.replace(r.trainer, epochs=t.epochs, global_batch=t.global_batch, max_steps=None,
+                                   workers=t.workers)
+        # teacher_training.lr is the lr at its own batch: the KD lr scaling (optim.base_batch) must not touch it
+        # (it scaled 0.05 to 0.0125 and left the MNIST teacher at 85% after 3 epochs, measured)
+        ocfg = dataclasses.replace(r.optim, lr=t.lr, base_batch=None)
+        trainer = Trainer(Classifier(net), train_set, val_set, tcfg, ocfg,
                           ScheduleConfig(name="cosine", per_step=True), teacher_dir, env,  # type: ignore[arg-type]
                           task=ClassificationTask(), model=net, logger_cfg=r.logger, config_dict=config_dict)
         trainer.fit()
@@ -257,10 +307,12 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     config_dict = as_dict(cfg)
     train_set, val_set = build_data(r.data)
     teacher = get_teacher(r, train_set, val_set, out, env, config_dict).to(env.device)
-    loader = eval_loader(val_set, r.trainer.eval_batch or 256, env, r.trainer.workers)
-    teacher_top1 = evaluate(teacher, loader, env)["top1"]  # the teacher is checked before distilling (item 7)
+    task = build_task(r.data)
+    loader = eval_loader(val_set, r.trainer.eval_batch or 256, env, r.trainer.workers, getattr(task, "collate", None))
+    score = task.evaluate(teacher, loader, EvalContext(env))  # the teacher is checked before distilling (item 7)
+    teacher_score = score[task.primary]
     if env.is_main:
-        print(f"teacher {r.model.teacher}: top1 {teacher_top1:.2f}", flush=True)
+        print(f"teacher {r.model.teacher}: {task.primary} {teacher_score:.2f}", flush=True)
 
     torch.manual_seed(r.trainer.seed)  # the student init depends only on the seed: same for every method
     student = create_model(r.model.student, r.data.num_classes).to(env.device)
@@ -279,11 +331,11 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     info = RunInfo("ssdkd", cfg.name, cfg.get("row"), r.data.name, synthetic=r.data.synthetic,
                    profile=str(cfg.get("profile", "full")))
     trainer = Trainer(distiller, StepIndex(steps, r.trainer.global_batch), val_set, trainer_cfg, r.optim, r.schedule,
-                      out, env, task=DataFreeTask(num_classes=r.data.num_classes), model=student,
+                      out, env, task=task, model=student,
                       hooks=[DataFreeEpoch(distiller, env)], params=list(student.parameters()),
                       logger_cfg=r.logger, config_dict=config_dict, run_info=info)
-    trainer.record_extra.update(teacher_top1=teacher_top1, method=r.method["name"], warmup_epochs=warmup,
-                                kd_steps_per_epoch=steps, kd_epochs=trainer_cfg.epochs)
+    trainer.record_extra.update(**{f"teacher_{task.primary}": teacher_score}, method=r.method["name"],
+                                warmup_epochs=warmup, kd_steps_per_epoch=steps, kd_epochs=trainer_cfg.epochs)
     metrics = trainer.fit()
     cleanup()
     return metrics, out
