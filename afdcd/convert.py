@@ -221,10 +221,12 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> tuple[str, int, bool
 
 
 def infer_width(state_dict: Mapping[str, Tensor], name: str) -> float:
-    """The channel width of a ResNet model (1 for every spec c network; < 1 for the smoke profile's small ones)."""
-    if "resnet" not in name:
-        return 1.0
+    """The channel width of a model (1 for every spec c network; < 1 for the smoke profile's small ones):
+    ResNets from the stem (64 at width 1), MobileNetV2 from the c4 channels the ASPP reads (320 at width 1)."""
     sd = _unwrap(state_dict)
+    if "mobilenetv2" in name:
+        head = sd.get("head.aspp.b0.0.weight")
+        return 1.0 if head is None or head.shape[1] == 320 else head.shape[1] / 320
     stem = sd.get("pretrained.conv1.weight", sd.get("backbone.conv1.0.weight"))
     return 1.0 if stem is None or stem.shape[0] == 64 else stem.shape[0] / 64
 

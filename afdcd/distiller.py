@@ -75,14 +75,14 @@ class SegDistiller(nn.Module):
         return self.extra_parameters()
 
     def forward_train(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        out = self.student.forward_all(images)
+        out = self.student.forward_all(images, aux=bool(self.aux_weight))
         losses = {"loss_ce": seg_cross_entropy(out.logits, labels)}
         if out.aux is not None and self.aux_weight:
             losses["loss_aux"] = self.aux_weight * seg_cross_entropy(out.aux, labels)
         if self.teacher is None:
             return out.logits, losses
         with torch.no_grad():
-            t = self.teacher.forward_all(images)
+            t = self.teacher.forward_all(images, aux=False)  # its aux logits are never used
         if self.kd_weight:
             losses["loss_kd"] = self.kd_weight * pixel_kd_loss(out.logits, t.logits, self.kd_temperature)
         if self.loss_module is not None:

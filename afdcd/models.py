@@ -20,6 +20,7 @@ from typing import NamedTuple
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import make_divisible
 from torch import Tensor, nn
 
 __all__ = ["MODEL_NAMES", "DeepLabV3", "PSPNet", "SegOutputs", "create_model", "feature_channels"]
@@ -143,16 +144,21 @@ BACKBONES = {
 def create_backbone(name: str, width: float = 1.0) -> nn.Module:
     """A timm features-only backbone at output stride 8 (random init; no download).
 
-    `width` < 1 scales every ResNet width (stem and stages): the CPU smoke profile's small networks, the same
-    architecture otherwise. Tables and parameter counts use width 1.
+    `width` < 1 scales every channel count (the CPU smoke profile's small networks, the same architecture
+    otherwise): ResNet stem and stages by `width`, MobileNetV2 by timm's channel multiplier (rounded to
+    multiples of 8, as timm's `mobilenetv2_050` etc.). Tables and parameter counts use width 1.
     """
     timm_name, kwargs, _, _ = BACKBONES[name]
-    if width != 1.0:
-        if not name.startswith("resnet"):
-            raise ValueError(f"model widths other than 1 are for the ResNet backbones, not {name}")
-        kwargs = {**kwargs, "stem_width": _scaled(64, width), "channels": tuple(_scaled(c, width)
-                                                                              for c in (64, 128, 256, 512))}
-    return timm.create_model(timm_name, pretrained=False, features_only=True, output_stride=8, **kwargs)
+    kwargs = {**kwargs, "pretrained": False, "features_only": True, "output_stride": 8}
+    if width == 1.0:
+        return timm.create_model(timm_name, **kwargs)
+    if name == "mobilenetv2":
+        # timm registers fixed multipliers only (mobilenetv2_035 ... _140); its generator takes any
+        from timm.models.efficientnet import _gen_mobilenet_v2
+
+        return _gen_mobilenet_v2(timm_name, width, **kwargs)
+    kwargs.update(stem_width=_scaled(64, width), channels=tuple(_scaled(c, width) for c in (64, 128, 256, 512)))
+    return timm.create_model(timm_name, **kwargs)
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -168,18 +174,24 @@ class _SegModel(nn.Module):
         self.backbone = create_backbone(backbone, width)
         self.head = head
         self.auxlayer = FCNHead(_c3(backbone, width), num_classes) if aux else None
+        if self.backbone.feature_info.channels()[-1] != _c4(backbone, width):
+            raise ValueError(f"{backbone} at width {width}: c4 has {self.backbone.feature_info.channels()[-1]} "
+                             f"channels, the head expects {_c4(backbone, width)}")
 
     @property
     def c4_channels(self) -> int:
         return _c4(self.backbone_name, self.width)
 
-    def forward_all(self, x: Tensor) -> SegOutputs:
-        """Logits, aux logits (or None), c4 and head_feat, all at stride 8 (the official output list)."""
+    def forward_all(self, x: Tensor, aux: bool = True) -> SegOutputs:
+        """Logits, aux logits (or None), c4 and head_feat, all at stride 8 (the official output list).
+
+        `aux=False` skips the aux head (None in its place): a frozen teacher's aux logits are never used (b.1).
+        """
         feats = self.backbone(x)
         c4 = feats[-1]
         logits, head_feat = self.head(c4)
-        aux = self.auxlayer(feats[0]) if self.auxlayer is not None else None
-        return SegOutputs(logits, aux, c4, head_feat)
+        aux_logits = self.auxlayer(feats[0]) if aux and self.auxlayer is not None else None
+        return SegOutputs(logits, aux_logits, c4, head_feat)
 
     def forward(self, x: Tensor) -> Tensor:
         """Stride-8 logits (inference, identical for every training method)."""
@@ -194,7 +206,9 @@ def _c3(backbone: str, width: float) -> int:
 
 def _c4(backbone: str, width: float) -> int:
     c4 = BACKBONES[backbone][3]
-    return c4 if width == 1.0 else _scaled(c4, width)
+    if width == 1.0:
+        return c4
+    return make_divisible(c4 * width, 8) if backbone == "mobilenetv2" else _scaled(c4, width)
 
 
 class DeepLabV3(_SegModel):
@@ -221,7 +235,7 @@ MODEL_NAMES = ("deeplabv3_resnet101", "deeplabv3_resnet18", "deeplabv3_mobilenet
 def create_model(name: str, num_classes: int, aux: bool | None = None, width: float = 1.0) -> DeepLabV3 | PSPNet:
     """A §c model by name; `aux` defaults to True for ResNet models (the official setting) and False for MBV2.
 
-    `width` < 1 (ResNet models, smoke profile only) scales every channel count of backbone and heads."""
+    `width` < 1 (smoke profile only) scales every channel count of backbone and heads."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model '{name}'; valid names: {', '.join(MODEL_NAMES)}")
     if num_classes < 1:

@@ -172,7 +172,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
                       model=method.eval_model(), heldout_set=select_set, hooks=[hook], params=params,
                       clip_params=clip, logger_cfg=r.logger, config_dict=as_dict(cfg), run_info=info,
                       checkpoint_meta={"arch": {"name": r.model.student, "num_classes": r.data.num_classes,
-                                                "width": r.model.width}})
+                                                "width": r.model.width, "dataset": r.data.name}})
     hook.trainer = trainer
     trainer.record_extra.update(extra)
     metrics = trainer.fit()

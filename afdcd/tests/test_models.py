@@ -157,3 +157,33 @@ def test_unknown_model_and_aux_on_mobilenet() -> None:
         create_model("deeplabv3_resnet50", 19)
     with pytest.raises(ValueError, match="no aux head"):
         create_model("deeplabv3_mobilenetv2", 19, aux=True)
+
+
+@pytest.mark.parametrize("name,width,c4", [
+    ("deeplabv3_mobilenetv2", 0.125, 40), ("deeplabv3_mobilenetv2", 0.25, 80), ("deeplabv3_resnet18", 0.125, 64),
+    ("pspnet_resnet18", 0.125, 64), ("deeplabv3_resnet101", 0.125, 256),
+])
+def test_smoke_widths_build_forward_and_reload(name: str, width: float, c4: int) -> None:
+    """Every spec c model has a smoke width: stride 8 kept, c4 scaled (MobileNetV2 by timm's rounded multiplier),
+    and an official-format state dict of it reloads at the same width."""
+    torch.manual_seed(0)
+    model = create_model(name, 5, width=width).eval()
+    full = meta_model(name, 5)
+    assert model.c4_channels == feature_channels(name, width) == c4 and count(model) < count(full) / 10
+    with torch.no_grad():
+        out = model.forward_all(torch.randn(2, 3, 64, 48))
+    assert out.logits.shape == (2, 5, 8, 6) and out.c4.shape == (2, c4, 8, 6)
+    assert (out.aux is not None) == ("resnet" in name)
+    back = convert.load_model(convert.to_official(model.state_dict(), model))
+    assert back.width == width
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+
+
+def test_forward_all_without_aux_skips_the_aux_head() -> None:
+    torch.manual_seed(0)
+    model = create_model("deeplabv3_resnet18", 5, width=0.125).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        full, lean = model.forward_all(x), model.forward_all(x, aux=False)
+    assert lean.aux is None and full.aux is not None
+    assert torch.equal(lean.logits, full.logits) and torch.equal(lean.c4, full.c4)

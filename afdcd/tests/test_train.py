@@ -89,3 +89,14 @@ def test_wrong_teacher_class_count_is_refused_before_any_write(tmp_path: Path) -
     assert len(proc.stderr.strip().splitlines()) == 1
     written = [p.name for p in (out / "afdcd").rglob("*") if p.is_file() and ".hydra" not in p.parts]
     assert not [n for n in written if n.endswith(".pt") or n in ("config.yaml", "result.json")], written
+
+
+def test_mobilenetv2_row_smoke_trains_at_its_smoke_width(tmp_path: Path) -> None:
+    """The MBV2 row runs under profile=smoke too (1/8 width: c4 = 40 channels, M = 8 groups of 5)."""
+    argv = ["experiment=cityscapes_deeplabv3_mobilenetv2_afdcd", *TINY, "model.teacher=deeplabv3_resnet18",
+            f"model.teacher_checkpoint={_teacher(tmp_path)}", f"output_dir={tmp_path}", "trainer.iterations=2",
+            "trainer.eval_every_steps=2"]
+    metrics, out = run(compose(CONFIG_DIR, argv))
+    assert read_record(out / "result.json").complete and metrics["steps"] == 2
+    best = load_checkpoint(out / "best.pt")["model"]
+    assert best["head.aspp.b0.0.weight"].shape[1] == 40
