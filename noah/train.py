@@ -71,6 +71,7 @@ class DataConfig:
     train_images: int = 384  # synthetic COCO
     val_images: int = 128
     max_objects: int = 3
+    object_size: float = 1 / 3  # synthetic COCO: object side / image side
 
 
 @dataclass
@@ -120,7 +121,7 @@ def build_data(cfg: DataConfig, train: bool = True) -> tuple[Dataset | None, Dat
                                     image_size=max(cfg.image_size, 32), seed=0)
     elif cfg.name == "synthetic_coco":
         write_synthetic_coco(cfg.root, cfg.num_classes, cfg.train_images, cfg.val_images, image_size=cfg.image_size,
-                             max_objects=cfg.max_objects, seed=0, year=cfg.year)
+                             max_objects=cfg.max_objects, seed=0, year=cfg.year, object_size=cfg.object_size)
     elif not cfg.root:
         layout = ("<root>/{train,val}/<wnid>/*.JPEG (spec f)" if cfg.name == "imagenet" else
                   "<root>/annotations/instances_{train,val}2014.json + <root>/{train,val}2014/*.jpg (spec d.5)")
