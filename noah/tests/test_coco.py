@@ -116,9 +116,9 @@ def test_multilabel_training_object_and_evaluation(coco: Path) -> None:
     from torch.utils.data import DataLoader
     from torchvision.transforms import v2
 
-    from noah.models import create_model
     from common.dist import DistEnv
     from common.tasks import EvalContext, MultiLabelTask
+    from noah.models import create_model
     from noah.multilabel import MultiLabelClassifier
 
     tf = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
