@@ -300,6 +300,7 @@ class Trainer:
         config_dict: Mapping[str, Any] | None = None,
         run_info: RunInfo | None = None,
         checkpoint_meta: Mapping[str, Any] | None = None,
+        train_sampler: ResumableSampler | None = None,
     ) -> None:
         self.cfg = trainer
         self.env = env or DistEnv()
@@ -329,8 +330,10 @@ class Trainer:
             self.method.to(memory_format=torch.channels_last)
 
         self.plan = batch_plan(trainer.global_batch, self.env.world_size, trainer.max_device_batch)
-        self.sampler = ResumableSampler(len(train_set), self.env.rank, self.env.world_size,  # type: ignore[arg-type]
-                                        shuffle=True, seed=trainer.seed)
+        # A paper's own training sampler (e.g. repeated augmentation) keeps ResumableSampler's interface:
+        # this rank's indices, __len__ and set_position(epoch, start) for exact resume.
+        self.sampler = train_sampler or ResumableSampler(len(train_set), self.env.rank,  # type: ignore[arg-type]
+                                                         self.env.world_size, shuffle=True, seed=trainer.seed)
         micro_per_epoch = len(self.sampler) // self.plan.per_device
         self.steps_per_epoch = micro_per_epoch // self.plan.accum_steps
         if self.steps_per_epoch == 0:

@@ -12,6 +12,7 @@ The budget (issue 10, item 9): NOAH's grouped 1x1 convs are dense GEMMs, so its 
 not exceed its extra-MAC share ``s = MACs(NOAH) / MACs(baseline) - 1`` (spec c: ResNet50 2.4 %, MobileNetV2
 1.0x 20.4 %): inference <= 1 + s + 0.03, training <= 1 + 1.5 s + 0.03 (the backward through the softmax and
 product over ``(B, N, K, L)`` is memory-bound; 0.03 for timing noise). The bench prints both and whether met.
+Like every noah entry point it keeps large allocations on the heap (``noah/__init__.py``; ``NOAH_HEAP=off``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from common.allocator import heap_kept
 from common.bench import BENCH_DEFAULTS, Candidate, bench_config, classification_steps, compare, describe, print_table
 from common.bench import ratio as time_ratio
 from common.cli import parse_overrides, split_list
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"NOAH bench: {describe(cfg)}, batch {opts['batch']}, {opts['size']} px, K={opts['num_classes']}, "
-          f"median of {cfg.repeats}; 1-min load average at start {load:.1f} on {os.cpu_count()} CPUs")
+          f"median of {cfg.repeats}; large allocations on the heap: {'yes' if heap_kept() else 'no (NOAH_HEAP=off)'}; "
+          f"1-min load average at start {load:.1f} on {os.cpu_count()} CPUs")
     records: list[dict[str, Any]] = []
     for host in (h.removeprefix("noah_") for h in hosts):
         rows = compare(candidates_for(host, opts, cfg.device), cfg)

@@ -1,8 +1,9 @@
-"""Multi-label classification with NOAH (MS-COCO, spec d.5 and j): losses, the training object, mAP evaluation.
+"""Multi-label classification with NOAH (MS-COCO, spec d.5 and j): the losses and the training object.
 
 The paper's MS-COCO protocol is not published (spec k.1); the defaults here (sigmoid per class on NOAH's
 logits unchanged, BCE, or the asymmetric loss of Ridnik et al., ICCV 2021) are assumptions, named in the
-experiment files. The official code has none of this (GitHub issue #1).
+experiment files. The official code has none of this (GitHub issue #1). Evaluation (mAP, mean BCE, prevalence)
+is common's ``common.tasks.MultiLabelTask``.
 """
 
 from __future__ import annotations
@@ -10,11 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
-
-from common.metrics import mean_average_precision
 
 
 class AsymmetricLoss(nn.Module):
@@ -67,24 +64,3 @@ class MultiLabelClassifier(nn.Module):
     def eval_model(self) -> nn.Module:
         return self.model
 
-
-@torch.no_grad()
-def evaluate_multilabel(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
-                        gather: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
-    """mAP (%) and mean BCE over a loader of ``(images, multi-hot targets)``; the Trainer's ``evaluate_fn`` shape.
-
-    ``gather`` (e.g. an all-gather over ranks) joins the per-rank score/target tensors before AP is taken,
-    because AP does not decompose over shards. Also reports the random-score reference ``prevalence`` (%).
-    """
-    was_training = model.training
-    model.eval()
-    scores, targets = [], []
-    for images, target in loader:
-        scores.append(model(images.to(device)).float())
-        targets.append(target.to(device))
-    model.train(was_training)
-    s, t = torch.cat(scores), torch.cat(targets).float()
-    if gather is not None:
-        s, t = gather(s), gather(t)
-    return {"mAP": mean_average_precision(s, t), "loss": F.binary_cross_entropy_with_logits(s, t).item(),
-            "prevalence": t.mean().item() * 100.0}

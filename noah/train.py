@@ -9,13 +9,15 @@ official parameter groups and the recipe switches (repeated augmentation, the EM
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -32,7 +34,7 @@ from common.config import (
 )
 from common.data import COCOMultiLabel, ImageFolder, build_transforms, write_synthetic_coco, write_synthetic_imagefolder
 from common.dist import cleanup, init_distributed
-from common.engine import Hook, Progress, RunInfo, Trainer
+from common.engine import Hook, RunInfo, Trainer
 from common.errors import UserError
 from common.tasks import ClassificationTask, Classifier, EvalContext, MultiLabelTask, Task
 from noah.models import create_model
@@ -69,6 +71,7 @@ class DataConfig:
     train_images: int = 384  # synthetic COCO
     val_images: int = 128
     max_objects: int = 3
+    object_size: float = 1 / 3  # synthetic COCO: object side / image side
 
 
 @dataclass
@@ -84,7 +87,7 @@ class MethodConfig:
 
 @dataclass
 class RecipeConfig:
-    repeated_aug: int = 0  # copies of each image per epoch (DeiT/PVT RASampler: 3); 0 = off
+    repeated_aug: int = 0  # copies of each image, on different ranks in one step (DeiT/PVT RASampler: 3); 0 = off
     ema_evaluate: bool = False  # evaluate the EMA and report/select it (MLPs) or keep it only (DeiT)
 
     def __post_init__(self) -> None:
@@ -118,7 +121,7 @@ def build_data(cfg: DataConfig, train: bool = True) -> tuple[Dataset | None, Dat
                                     image_size=max(cfg.image_size, 32), seed=0)
     elif cfg.name == "synthetic_coco":
         write_synthetic_coco(cfg.root, cfg.num_classes, cfg.train_images, cfg.val_images, image_size=cfg.image_size,
-                             max_objects=cfg.max_objects, seed=0, year=cfg.year)
+                             max_objects=cfg.max_objects, seed=0, year=cfg.year, object_size=cfg.object_size)
     elif not cfg.root:
         layout = ("<root>/{train,val}/<wnid>/*.JPEG (spec f)" if cfg.name == "imagenet" else
                   "<root>/annotations/instances_{train,val}2014.json + <root>/{train,val}2014/*.jpg (spec d.5)")
@@ -169,44 +172,32 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool) -> li
 # --------------------------------------------------------------------------------------------------
 
 
-class RepeatedAugmentation(Dataset):
-    """DeiT's repeated augmentation (RASampler, spec d.2) as a dataset view: an epoch keeps its length N but
-    shows ceil(N / repeats) images, each ``repeats`` times with independent augmentations.
+class RepeatedAugSampler(RepeatAugSampler):
+    """DeiT's repeated augmentation (RASampler, spec d.2): timm's ``RepeatAugSampler`` with the loop's resume.
 
-    Which images an epoch uses is a permutation drawn from (seed, epoch); ``RepeatedAugmentationEpoch`` sets the
-    epoch, so a resumed run sees the same images. Unlike the RASampler the copies land at random places of the
-    epoch (the loop's sampler shuffles), not on different GPUs in the same step.
+    Each epoch draws a permutation (seeded by the epoch, as DeiT's), repeats every image ``repeats`` times in a
+    row and deals the list round-robin over the ranks, so the copies of one image sit at the same position of
+    consecutive ranks' shards, i.e. in the same step on different GPUs (with one process they share a batch).
+    Each rank keeps ``floor(N // 256 * 256 / world_size)`` samples: an epoch has about N samples, N / repeats
+    distinct images. ``set_position(epoch, start)`` skips what a resumed run already consumed
+    (``common.dist.ResumableSampler``'s interface, which the Trainer calls).
     """
 
-    def __init__(self, dataset: Dataset, repeats: int, seed: int = 0) -> None:
-        self.dataset, self.repeats, self.seed = dataset, repeats, seed
-        self.epoch = 0
-        self._order = self._draw()
-
-    def _draw(self) -> np.ndarray:
-        n = len(self.dataset)  # type: ignore[arg-type]
-        return np.random.default_rng([self.seed, self.epoch, 271828]).permutation(n)
+    def __init__(self, length: int, rank: int, world_size: int, repeats: int = 3) -> None:
+        super().__init__(range(length), num_replicas=world_size, rank=rank, shuffle=True, num_repeats=repeats)
+        self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self._order = self._draw()
+        self.set_position(epoch, 0)
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[int(self._order[index // self.repeats])]
-
-
-class RepeatedAugmentationEpoch(Hook):
-    """Moves ``RepeatedAugmentation`` to the epoch about to start (before its DataLoader is built)."""
-
-    def __init__(self, view: RepeatedAugmentation) -> None:
-        self.view = view
-
-    def on_epoch_start(self, progress: Progress) -> None:
-        self.view.set_epoch(progress.epoch)
+        return max(super().__len__() - self.start, 0)
 
 
 class EmaPolicy:
@@ -290,9 +281,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(trainer_cfg.seed)
     train_set, val_set = build_data(data)
     hooks: list[Hook] = []
-    if recipe.repeated_aug:
-        train_set = RepeatedAugmentation(train_set, recipe.repeated_aug, trainer_cfg.seed)
-        hooks.append(RepeatedAugmentationEpoch(train_set))
+    sampler = (RepeatedAugSampler(len(train_set), env.rank, env.world_size, recipe.repeated_aug)  # type: ignore[arg-type]
+               if recipe.repeated_aug else None)
     if recipe.ema_evaluate:
         hooks.append(ReportEma())
     method_module = (wrapper(model, trainer_cfg.label_smoothing) if method.loss == "ce"  # type: ignore[operator]
@@ -302,7 +292,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer = Trainer(method_module, train_set, val_set, trainer_cfg, optim, schedule, out, env,
                       task=EmaPolicy(task, model, recipe.ema_evaluate), model=model, hooks=hooks,
                       logger_cfg=logger_cfg, params=param_groups(model, optim.weight_decay, optim.no_decay_1d),
-                      config_dict=OmegaConf.to_container(cfg, resolve=True), run_info=info)
+                      config_dict=OmegaConf.to_container(cfg, resolve=True), run_info=info,
+                      train_sampler=sampler)
     metrics = trainer.fit()
     cleanup()
     return metrics

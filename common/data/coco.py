@@ -122,27 +122,33 @@ def synthetic_category_ids(num_classes: int) -> list[int]:
 @main_process_first
 def write_synthetic_coco(root: str | os.PathLike, num_classes: int = 10, train_images: int = 256,
                          val_images: int = 96, image_size: int = 64, max_objects: int = 3,
-                         unlabelled_fraction: float = 0.05, seed: int = 0, year: str = "2014") -> Path:
+                         unlabelled_fraction: float = 0.05, seed: int = 0, year: str = "2014",
+                         object_size: float = 1 / 3) -> Path:
     """Write a small COCO-format multi-label set (JPEGs + instances JSON) and return ``root``.
 
     Each image holds 1..``max_objects`` objects of distinct classes on a dark noisy background, each a
-    class-specific grating patch (``common.data.synthetic.class_images``) of a third of the image side at a
-    random position (later objects may cover earlier ones); ``unlabelled_fraction`` of the images hold none.
+    class-specific grating patch (``common.data.synthetic.class_images``) of ``object_size`` times the image side
+    at a random position (later objects may cover earlier ones); ``unlabelled_fraction`` of the images hold none.
+    A class is a hue and one of two orientations (vertical or horizontal stripes), so the horizontal flip of
+    the usual training augmentation keeps every object in its class (oblique gratings would swap classes).
     Mean class prevalence is about ``(1 + max_objects) / 2 / num_classes``.
     """
     if not 1 <= max_objects <= num_classes:
         raise DatasetError(f"max_objects must lie in [1, num_classes={num_classes}], got {max_objects}")
+    if not 0 < object_size <= 1:
+        raise DatasetError(f"object_size is a fraction of the image side in (0, 1], got {object_size}")
     root = Path(root).expanduser()
     record = {"format": "coco", "version": FORMAT_VERSION, "num_classes": num_classes, "train_images": train_images,
               "val_images": val_images, "image_size": image_size, "max_objects": max_objects,
-              "unlabelled_fraction": unlabelled_fraction, "seed": seed, "year": year}
+              "unlabelled_fraction": unlabelled_fraction, "seed": seed, "year": year,
+              "object_size": object_size, "orientations": 2}
     splits = (("train", train_images), ("val", val_images))
     owned = [root / "annotations"] + [root / f"{s}{year}" for s, _ in splits]
     if _prepare(root, record, owned):
         return root
     cat_ids = synthetic_category_ids(num_classes)
     categories = [{"id": i, "name": f"class_{c:03d}", "supercategory": "synthetic"} for c, i in enumerate(cat_ids)]
-    obj = max(4, image_size // 3)
+    obj = max(4, round(image_size * object_size))
     params = [int(cv2.IMWRITE_JPEG_QUALITY), 95]
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split_id, (split, n) in enumerate(splits):
@@ -151,7 +157,7 @@ def write_synthetic_coco(root: str | os.PathLike, num_classes: int = 10, train_i
         folder.mkdir(parents=True, exist_ok=True)
         counts = rng.integers(1, max_objects + 1, n) * (rng.random(n) >= unlabelled_fraction)
         classes = [rng.permutation(num_classes)[:k] for k in counts]
-        patches = class_images(np.concatenate(classes).astype(np.int64), num_classes, obj, rng)
+        patches = class_images(np.concatenate(classes).astype(np.int64), num_classes, obj, rng, orientations=2)
         canvas = rng.normal(40.0, 12.0, (n, image_size, image_size, 3)).clip(0, 255).astype(np.uint8)
         images, annotations, p = [], [], 0
         for i in range(n):

@@ -39,11 +39,16 @@ def _hsv_to_rgb(h: np.ndarray, s: float | np.ndarray, v: float | np.ndarray) -> 
     return v[..., None] - (v * s)[..., None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def class_images(labels: np.ndarray, num_classes: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Images of the given labels, uint8 RGB (N, size, size, 3); see the module docstring for the design."""
+def class_images(labels: np.ndarray, num_classes: int, size: int, rng: np.random.Generator,
+                 orientations: int | None = None) -> np.ndarray:
+    """Images of the given labels, uint8 RGB (N, size, size, 3); see the module docstring for the design.
+
+    ``orientations`` overrides the number of orientations ``a`` (default ``ceil(sqrt(K))``); with 2 (vertical and
+    horizontal gratings) a horizontal flip never turns one class into another.
+    """
     labels = np.asarray(labels)
     n = len(labels)
-    n_orient = math.ceil(math.sqrt(num_classes))
+    n_orient = orientations or math.ceil(math.sqrt(num_classes))
     n_hue = math.ceil(num_classes / n_orient)
     theta = (labels % n_orient + rng.uniform(-0.2, 0.2, n)) * (math.pi / n_orient)
     hue = ((labels // n_orient + rng.uniform(-0.15, 0.15, n)) / n_hue) % 1.0

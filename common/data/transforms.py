@@ -44,6 +44,27 @@ _MNIST_OPTIONS = {"mean", "std", "padding", "to_rgb"}
 DEFAULT_SIZE = {"imagenet": 224, "cifar": 32, "cifar10": 32, "cifar100": 32, "mnist": 28}
 
 
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize with Pillow >= 12 (which rejects 0 bits): 0 bits keeps nothing, a black image, as older
+    Pillow did. RandAugment ``inc1`` reaches 0 bits at magnitude 10 (m9 with mstd 0.5 draws it now and then)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    from PIL import ImageOps
+
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    """Route timm's Posterize ops through ``_posterize`` (ops look their function up when built)."""
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def _check(dataset: str, aug: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(aug) - allowed)
     if unknown:
@@ -79,6 +100,7 @@ def build_transforms(
         _check(dataset, aug, _TIMM_OPTIONS)
         from timm.data import create_transform
 
+        _patch_timm_posterize()
         opts = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **aug}
         if not train:  # evaluation takes only the resize/crop/normalise options
             opts = {k: v for k, v in opts.items() if k in _TIMM_EVAL_OPTIONS}

@@ -329,6 +329,18 @@ def test_transforms():
         build_transforms("cifar", True, mixup=0.8)
 
 
+def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
+    """RandAugment inc1 at magnitude 10 posterizes to 0 bits; Pillow >= 12 raises there, timm passes it on."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    build_transforms("imagenet", True, 32, auto_augment="rand-m9-mstd0.5-inc1")  # installs the guard
+    op = rand_augment_transform("rand-n1-m10-mstd0-inc1", {}).ops
+    (posterize,) = [o for o in op if o.name == "PosterizeIncreasing"]
+    posterize.prob = 1.0
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert posterize(img).getextrema() == ((0, 0), (0, 0), (0, 0))  # 4 - int(10 / 10 * 4) = 0 bits kept
+
+
 def test_build_dataset_unknown_name(tmp_path):
     with pytest.raises(DatasetError, match="unknown dataset 'svhn'; valid names: imagenet, imagefolder, cif"):
         build_dataset("svhn", tmp_path, "train")

@@ -116,8 +116,10 @@ def test_multilabel_training_object_and_evaluation(coco: Path) -> None:
     from torch.utils.data import DataLoader
     from torchvision.transforms import v2
 
+    from common.dist import DistEnv
+    from common.tasks import EvalContext, MultiLabelTask
     from noah.models import create_model
-    from noah.multilabel import MultiLabelClassifier, evaluate_multilabel
+    from noah.multilabel import MultiLabelClassifier
 
     tf = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
     ds = COCOMultiLabel(coco, "val", transform=tf)
@@ -128,7 +130,7 @@ def test_multilabel_training_object_and_evaluation(coco: Path) -> None:
         logits, losses = method.forward_train(images, targets)
         assert logits.shape == (4, 6) and set(losses) == {f"loss_{loss}"} and losses[f"loss_{loss}"].ndim == 0
         assert method.eval_model() is model
-    metrics = evaluate_multilabel(model, DataLoader(ds, batch_size=5))
+    metrics = MultiLabelTask().evaluate(model, DataLoader(ds, batch_size=5), EvalContext(DistEnv()))
     assert set(metrics) == {"mAP", "loss", "prevalence"} and 0 <= metrics["mAP"] <= 100
     assert metrics["prevalence"] == pytest.approx(ds.labels.mean() * 100)
     with pytest.raises(ValueError, match="bce' or 'asl"):

@@ -58,6 +58,26 @@ def test_three_layouts_give_identical_logits(hs: bool, kv: bool) -> None:
     torch.testing.assert_close(h(x.to(memory_format=torch.channels_last)), ref)
 
 
+@pytest.mark.parametrize(("hs", "kv"), SPLITS)
+def test_inference_path_equals_spec_formula(hs: bool, kv: bool) -> None:
+    """The in-place inference path (no grad) = the autograd path = spec b.2 written with the official grouped convs
+    on the (B, C, 1, L) view."""
+    h = head(p=0.3, hs=hs, kv=kv)
+    x = torch.randn(3, 24, 2, 3)
+    with torch.inference_mode():
+        fast = h(x)
+    with torch.enable_grad():
+        graph = h(x.requires_grad_())
+    xl = x.detach().flatten(2).unsqueeze(2)  # (B, C, 1, L)
+    keys = xl[:, : h.k_channels] if kv else xl
+    a = F.conv2d(keys, h.query.weight, h.query.bias, groups=h.groups).view(3, h.head_num, 5, -1)
+    v = F.conv2d(value_part(h, xl), h.value.weight, h.value.bias, groups=h.groups).view(3, h.head_num, 5, -1)
+    ref = (a.softmax(-1) * v).sum((1, 3))
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(graph.detach(), ref, rtol=0, atol=1e-12)
+    assert fast.is_contiguous() and fast.shape == (3, 5)
+
+
 @pytest.mark.parametrize(("c", "n", "r", "kv"), [(24, 5, 0.5, True), (30, 4, 0.5, True), (10, 4, 0.3, True),
                                                   (6, 4, 0.5, False), (24, 3, 0.0, True), (24, 3, 1.0, True),
                                                   (24, 0, 0.5, True)])

@@ -12,7 +12,7 @@ from torch import nn
 from common.config import ScheduleConfig, compose, validate
 from common.engine import build_scheduler
 from noah.models import create_model
-from noah.train import CONFIG_DIR, EmaPolicy, RepeatedAugmentation, ReportEma, param_groups
+from noah.train import CONFIG_DIR, EmaPolicy, RepeatedAugSampler, ReportEma, param_groups
 
 
 def _ids(group: dict) -> set[int]:
@@ -48,17 +48,36 @@ def test_adamw_groups_follow_no_weight_decay(name: str, head: str, exempt: set[s
         {n for n in named if "pos_embed" in n} if name.startswith("pvt") else set())  # PVT decays pos_embed*
 
 
-def test_repeated_augmentation_shows_each_image_k_times_per_epoch() -> None:
-    data = list(range(12))
-    view = RepeatedAugmentation(data, repeats=3, seed=0)
-    epoch0 = [view[i] for i in range(len(view))]
-    assert len(view) == 12 and sorted(set(epoch0)) == sorted(set(epoch0)) and len(set(epoch0)) == 4
-    assert all(epoch0.count(v) == 3 for v in set(epoch0))
-    view.set_epoch(1)
-    epoch1 = [view[i] for i in range(len(view))]
-    assert epoch1 != epoch0
-    view.set_epoch(0)
-    assert [view[i] for i in range(len(view))] == epoch0  # a resumed epoch sees the same images
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_repeated_augmentation_puts_copies_on_different_ranks_in_the_same_step(world_size: int) -> None:
+    """DeiT's RASampler (spec d.2): the copies of an image sit at the same index of different ranks' shards,
+    i.e. in the same step on different GPUs: all 3 with 3 ranks; with 2 ranks two of them (the third in the
+    next local slot). An epoch holds ~N samples of N / 3 images; a new order each epoch; resume skips."""
+    n, repeats = 96, 3
+    ranks = [RepeatedAugSampler(n, r, world_size, repeats) for r in range(world_size)]
+    shards = [list(s) for s in ranks]
+    assert all(len(s) == len(ranks[0]) == n // world_size for s in shards)  # N < 256: ceil(N / W) per rank
+    where: dict[int, list[tuple[int, int]]] = {}  # image -> [(rank, index in that rank's shard)]
+    for rank, shard in enumerate(shards):
+        for index, image in enumerate(shard):
+            where.setdefault(image, []).append((rank, index))
+    assert len(where) == n // repeats and all(len(w) == repeats for w in where.values())
+    for image, copies in where.items():
+        if world_size >= repeats:  # every copy on its own rank, all at one index (one step, any batch size)
+            assert len({r for r, _ in copies}) == repeats and len({i for _, i in copies}) == 1, (image, copies)
+        else:
+            by_index: dict[int, set[int]] = {}
+            for r, i in copies:
+                by_index.setdefault(i, set()).add(r)
+            assert max(len(rs) for rs in by_index.values()) == world_size, (image, copies)  # on both ranks at once
+            assert max(by_index) - min(by_index) <= 1  # the third copy in the adjacent slot
+    if world_size >= repeats:  # seen through batches of 4: no rank holds two copies of an image in one step
+        assert all(len(set(shard[i:i + 4])) == 4 for shard in shards for i in range(0, len(shard) - 3, 4))
+    for s in ranks:
+        s.set_epoch(1)
+    assert [list(s) for s in ranks] != shards  # a new permutation each epoch
+    ranks[0].set_position(0, 5)
+    assert list(ranks[0]) == shards[0][5:] and len(ranks[0]) == len(shards[0]) - 5  # exact resume
 
 
 def test_ema_policy_skips_or_reports_the_ema() -> None:
