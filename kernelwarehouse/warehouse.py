@@ -261,7 +261,7 @@ class KWLayer(nn.Module):
 class KWConvNd(KWLayer):
     """A KW convolution (spec §b.6): the kernel is assembled per sample from the shared warehouse.
 
-    The per-sample kernel is ``W_b[s, p, q] = sum_k alpha[b, (s, p, q), k] E_k``. It is applied in one of four
+    The per-sample kernel is ``W_b[s, p, q] = sum_k alpha[b, (s, p, q), k] E_k``. It is applied in one of five
     mathematically equal ways (``impl='auto'`` picks per layer and input size; ``impl='grouped'`` always uses
     the official one). The first three assemble the kernels by one matmul over all cells, ``C = alpha @ E``
     (``[B, m, c_o c_i]``):
@@ -271,6 +271,9 @@ class KWConvNd(KWLayer):
     * ``tapwise`` (2-D, g=1): no kernel permute: for each tap ``s`` and block pair ``(p, q)`` the cell
       ``C[b, s, p, q]`` multiplies the unfolded input ``X[b, s, q]`` in one broadcast batched matmul, and the
       taps are summed. It wins when the output is small next to the kernel (late, low-resolution stages).
+    * ``im2col`` (2-D, g=1): the taps as channels-last rows ``[B, L, S I]`` times the per-sample kernel assembled
+      transposed (``[B, S I, c_o]``, from the warehouse cells seen as ``[n, c_i c_o]``): one GEMM per sample and
+      output block, no tap sum. It wins for strided layers with several output blocks (``G_o > 1``).
     * ``mixed`` (2-D, g=1): no per-sample kernel at all. By linearity ``y_b[p] = sum_k E_k (sum_{s,q}
       alpha[b, (s, p, q), k] X_b[s, q])``: the attention mixes each sample's input taps once per warehouse
       cell, then one dense GEMM applies the whole warehouse ``[c_o, n c_i]`` to the mixed inputs of every
@@ -296,6 +299,10 @@ class KWConvNd(KWLayer):
                 return "mixed"
             # tap outputs [B, S, G_i, O, L] versus the permuted kernels [B, O, I, S]
             if self.groups_in * length <= self._manager[0].tapwise_ratio * self.in_planes:
+                # several output blocks and enough rows for a GEMM: one GEMM per sample and block beats the
+                # broadcast tap products (measured: ResNet18 layer3.0.conv1 at 160 px, not layer4.0.conv1)
+                if self.groups_out > 1 and length >= self._manager[0].im2col_min_length:
+                    return "im2col"
                 return "tapwise"
         return "grouped"
 
@@ -316,6 +323,8 @@ class KWConvNd(KWLayer):
             y = torch.matmul(weight, x.reshape(b, self.in_planes, -1)).view(b, self.out_planes, *x.shape[2:])
         elif how == "tapwise":
             y = self._tapwise(x, attn)
+        elif how == "im2col":
+            y = self._im2col(x, attn)
         else:
             y = self._mixed(x, attn)
         if self.bias is not None:
@@ -334,6 +343,22 @@ class KWConvNd(KWLayer):
         taps = taps.permute(0, 4, 5, 1, 2, 3).reshape(b, s, 1, gi, ci, -1)
         y = torch.matmul(cells, taps).sum(dim=(1, 3))  # [B, G_o, c_o, L]
         return y.reshape(b, self.out_planes, *out_hw)
+
+    def _im2col(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[0], self.num_cells
+        s, go, gi, co, ci = self.groups_spatial, self.groups_out, self.groups_in, self.cell_out, self.cell_in
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        taps = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # [B, I, Ho, Wo, kh, kw]
+        ho, wo = taps.shape[2:4]
+        taps = taps.permute(0, 2, 3, 4, 5, 1).reshape(b, ho * wo, s * gi * ci)  # rows [B, L, (s, q, c)]
+        # transposed cells [n, c_i c_o]: the assembled kernel is then [B, (s, q, c), c_o], a GEMM operand as is
+        cells_t = self._manager[0].weights[self.warehouse_id].to(x.dtype).view(n, co, ci).transpose(1, 2)
+        cells_t = cells_t.reshape(n, ci * co)
+        mix = attn.view(b, s, go, gi, n)
+        outs = [torch.bmm(taps, torch.mm(mix[:, :, p].reshape(-1, n), cells_t).view(b, s * gi * ci, co))
+                for p in range(go)]  # [B, L, c_o] per output block
+        y = outs[0] if go == 1 else torch.cat(outs, dim=2)
+        return y.view(b, ho, wo, self.out_planes).permute(0, 3, 1, 2)  # channels-last memory
 
     def _mixed(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[0], self.num_cells
@@ -408,7 +433,8 @@ class WarehouseManager(nn.Module):
         # mathematically equal kernel application per layer (a batched matmul for 1x1 convs)
         self.impl = impl
         self.tapwise_ratio = 1.0  # 'tapwise' when G_i L <= ratio I (measured with kernelwarehouse.bench)
-        self.mixed_ratio = 2.0  # 'mixed' when n L <= ratio S G_i (n + L) (measured with kernelwarehouse.bench)
+        self.mixed_ratio = 1.6  # 'mixed' when n L <= ratio S G_i (n + L) (measured with kernelwarehouse.bench)
+        self.im2col_min_length = 64  # 'im2col' for G_o > 1 when L >= this (measured with kernelwarehouse.bench)
         self.sharing_range = parse_sharing_range(sharing_range)
         self.reduction, self.cell_num_ratio = reduction, cell_num_ratio
         self.cell_inplane_ratio, self.cell_outplane_ratio = cell_inplane_ratio, cell_outplane_ratio

@@ -200,7 +200,7 @@ def test_assemble_returns_kernels_no_later_call_overwrites() -> None:
 FORCE = {"tapwise": (0.0, math.inf), "mixed": (math.inf, 0.0)}  # (mixed_ratio, tapwise_ratio)
 
 
-@pytest.mark.parametrize("how", ["tapwise", "mixed"])
+@pytest.mark.parametrize("how", ["tapwise", "mixed", "im2col"])
 @pytest.mark.parametrize("budget,rho", [(1.0, 1.0), (2.0, 0.5), (0.5, 0.5)])
 def test_every_kernel_application_equals_the_grouped_conv(how: str, budget: float, rho: float) -> None:
     """Outputs and every gradient of ``impl='auto'`` with the 3x3 layers forced to one application equal the
@@ -212,7 +212,12 @@ def test_every_kernel_application_equals_the_grouped_conv(how: str, budget: floa
     ref_net.warehouse_manager.impl = "grouped"
     net = copy.deepcopy(ref_net)
     net.warehouse_manager.impl = "auto"
-    net.warehouse_manager.mixed_ratio, net.warehouse_manager.tapwise_ratio = FORCE[how]
+    if how == "im2col":  # chosen only for G_o > 1 at enough rows: forced here on every geometry
+        for layer in (net.a, net.b):
+            layer.kernel_application = lambda x: "im2col"
+    else:
+        net.warehouse_manager.mixed_ratio, net.warehouse_manager.tapwise_ratio = FORCE[how]
+        net.warehouse_manager.im2col_min_length = math.inf
     x = torch.randn(3, 16, 9, 9, dtype=torch.float64)
     assert {net.a.kernel_application(x), net.b.kernel_application(x)} == {how}
     assert net.c.kernel_application(x) == "pointwise"
