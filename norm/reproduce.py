@@ -99,8 +99,11 @@ def smoke_summary(plan: Plan, finished: list[Finished]) -> str:
         f"| {params(row['student'])} |",
         f"| student {row['student']} + NORM (N = {row['N']}) | {row['metrics']['top1']:.2f} | {acc(student)} | "
         f"{extra.get('params_train', 0):,} train-time |",
-        f"| ... FT folded into the classifier | {row['metrics']['top1']:.2f} | "
-        f"{student.metrics.get('top1_folded', float('nan')):.2f} | {extra.get('params_deployed', 0):,} deployed |",
+        (f"| ... FT folded into the classifier | {row['metrics']['top1']:.2f} | "
+         f"{student.metrics['top1_folded']:.2f} | {extra.get('params_deployed', 0):,} deployed |"
+         if "top1_folded" in student.metrics else
+         f"| ... FT not folded: a BN-ReLU follows it in {row['student']} (spec b.5), it deploys with the FT | "
+         f"{row['metrics']['top1']:.2f} | — | — |"),
         "",
         f"teacher checked before distilling: top-1 {extra.get('teacher_top1', float('nan')):.2f}; params are for "
         "the smoke models (10 classes).",

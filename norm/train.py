@@ -184,7 +184,6 @@ class FoldAndDeploy(Hook):
         loader = eval_loader(self.val_set, self.run.trainer.global_batch, self.env, self.run.trainer.workers)
         metrics["top1_folded"] = evaluate(deployed, loader, self.env)["top1"]
         extra["params_deployed"] = sum(p.numel() for p in deployed.parameters())
-        extra["params_train"] = sum(p.numel() for p in self.student.parameters())
         if self.env.is_main:
             atomic_save(deployed.state_dict(), self.out / "deployed.pt")
 
@@ -248,6 +247,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
         print(f"teacher {r.model.teacher}: top1 {extra['teacher_top1']:.2f}")
     student = NORMStudent(create_model(r.model.student, nc, norm_variant=True), teacher.num_features,
                           r.method.n, r.method.residual)
+    extra["params_train"] = sum(p.numel() for p in student.parameters())  # with the FT (no CRD heads)
     m, c = r.method.multiplier, r.method.crd
     crd = None
     if c is not None:  # CRD needs each sample's index and contrast indices, and a bank row per sample
