@@ -80,7 +80,7 @@ def test_experiment_builds_its_method(row_id: str) -> None:
     elif "deepinv" in row_id:
         assert isinstance(method.synthesizer, DeepInversionSynthesizer) and method.synthesizer.iterations == 2000
     else:
-        assert method.synthesizer.g_steps == 5 and method.synthesizer.lr_g == 3e-3 and method.kd_steps == 20  # smoke
+        assert method.synthesizer.g_steps == 5 and method.synthesizer.lr_g == 3e-3 and method.kd_steps == 40  # smoke
 
 
 def test_real_kd_builds_a_balanced_subset() -> None:
