@@ -80,7 +80,7 @@ def test_experiment_builds_its_method(row_id: str) -> None:
     elif "deepinv" in row_id:
         assert isinstance(method.synthesizer, DeepInversionSynthesizer) and method.synthesizer.iterations == 2000
     else:
-        assert method.synthesizer.g_steps == 5 and method.synthesizer.lr_g == 3e-3 and method.kd_steps == 20  # smoke
+        assert method.synthesizer.g_steps == 5 and method.synthesizer.lr_g == 3e-3 and method.kd_steps == 40  # smoke
 
 
 def test_real_kd_builds_a_balanced_subset() -> None:
@@ -105,3 +105,26 @@ def test_bad_config_values_are_one_line(override: str, match: str) -> None:
         cfg = compose(CONFIG_DIR, ["experiment=cifar10_wrn40_2_wrn16_1_ssdkd", "profile=smoke", override])
         build_method(cfg, *_tiny(cfg))
     assert "\n" not in str(err.value)
+
+
+def test_smoke_view_never_flips_one_synthetic_class_into_another() -> None:
+    """The smoke's synthetic CIFAR classes are gratings at 0/45/90/135 degrees: a horizontal flip turns 45 into 135
+    (class 1 into class 3), which capped a flipping teacher at ~80% (README). The smoke view must not flip."""
+    import numpy as np
+
+    from common.data.synthetic import class_images
+    from ssdkd.datafree import NORMALIZE_DICT, Normalizer
+    from ssdkd.distiller import inversion_augment
+
+    def spectrum(images: np.ndarray) -> np.ndarray:  # mean power spectrum of the grey images (phase-free)
+        grey = images.astype(np.float32).mean(axis=-1)
+        power = np.abs(np.fft.fft2(grey - grey.mean(axis=(1, 2), keepdims=True))) ** 2
+        return power.mean(axis=0).ravel() / np.linalg.norm(power.mean(axis=0))
+
+    rng = np.random.default_rng(0)
+    one, three = (class_images(np.full(64, c), 10, 32, rng) for c in (1, 3))
+    assert spectrum(one) @ spectrum(three) < 0.5  # apart as drawn
+    assert spectrum(one[:, :, ::-1]) @ spectrum(three) > 0.9  # one flip away from each other
+    cfg = compose(CONFIG_DIR, ["experiment=cifar10_wrn40_2_wrn16_1_ssdkd", "profile=smoke"])
+    assert cfg.data.hflip is False
+    assert inversion_augment(cfg.data, Normalizer(**NORMALIZE_DICT["cifar10"])).flip is False
