@@ -142,7 +142,10 @@ class NOAH(nn.Module):
             product = attn * self.dropout(values)  # dropout on the values only, never on the attention
         else:
             product = attn.mul_(values)  # inference: the product overwrites the attention, no third tensor
-        return product.sum(dim=(0, 3)).t().contiguous()  # sum over groups and positions -> (B, K)
+        logits = product.sum(dim=(0, 3))  # sum over groups and positions -> (K, B)
+        if logits.requires_grad:  # the (B, K) gradient arrives with K fastest: made (K, B)-contiguous here, the
+            logits.register_hook(torch.Tensor.contiguous)  # backward through (N, K, B, L) keeps that layout
+        return logits.t().contiguous()
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, head_num={self.head_num}, "
