@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NOAH", "noah_channels"]
+__all__ = ["NOAH", "ValueDropout", "noah_channels"]
 
 
 def noah_channels(in_channels: int, head_num: int, key_ratio: float, kv_split: bool = True) -> tuple[int, int]:
@@ -38,6 +38,20 @@ def noah_channels(in_channels: int, head_num: int, key_ratio: float, kv_split: b
             "(spec b.1); pick another head_num or key_ratio"
         )
     return k, v
+
+
+class ValueDropout(nn.Dropout):
+    """``nn.Dropout`` on NOAH's values (spec b.2): each value kept with probability 1 - p and scaled by 1 / (1 - p).
+
+    On CPU the keep mask is one uniform draw and a compare (``rand >= p``), which costs about a third of
+    ``F.dropout``'s Bernoulli draw on the ``(N, K, B, L)`` values (31 ms -> 10 ms for ResNet50's head at B=16) and
+    does not page-fault a scratch buffer every step; the distribution is the same. Elsewhere it is ``F.dropout``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x * torch.rand_like(x).ge_(self.p).div_(1.0 - self.p)
 
 
 class NOAH(nn.Module):
@@ -71,7 +85,7 @@ class NOAH(nn.Module):
         out = head_num * num_classes
         self.query = nn.Conv2d(self.k_channels, out, kernel_size=1, groups=self.groups)
         self.value = nn.Conv2d(self.v_channels, out, kernel_size=1, groups=self.groups)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = ValueDropout(dropout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -128,7 +142,10 @@ class NOAH(nn.Module):
             product = attn * self.dropout(values)  # dropout on the values only, never on the attention
         else:
             product = attn.mul_(values)  # inference: the product overwrites the attention, no third tensor
-        return product.sum(dim=(0, 3)).t().contiguous()  # sum over groups and positions -> (B, K)
+        logits = product.sum(dim=(0, 3))  # sum over groups and positions -> (K, B)
+        if logits.requires_grad:  # the (B, K) gradient arrives with K fastest: made (K, B)-contiguous here, the
+            logits.register_hook(torch.Tensor.contiguous)  # backward through (N, K, B, L) keeps that layout
+        return logits.t().contiguous()
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, head_num={self.head_num}, "

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noah.noah import NOAH
+from noah.noah import NOAH, ValueDropout
 
 SPLITS = [(True, True), (False, True), (True, False), (False, False)]
 
@@ -174,11 +174,25 @@ def test_dropout_only_masks_values() -> None:
     torch.manual_seed(1)
     out = h(x)
     torch.manual_seed(1)
-    masked = F.dropout(values, 0.5, training=True)
-    torch.testing.assert_close(out, (attn_logits.softmax(-1) * masked).sum((1, 3)))
+    draw = torch.rand(values.shape[1:3] + values.shape[:1] + values.shape[3:], dtype=values.dtype)  # (N, K, B, L) order
+    kept = draw.permute(2, 0, 1, 3) >= 0.5
+    torch.testing.assert_close(out, (attn_logits.softmax(-1) * values * kept / 0.5).sum((1, 3)))
     assert not torch.allclose(out, h.eval()(x))
     h0 = head(p=0.0)
     torch.testing.assert_close(h0.train()(x), h0.eval()(x), rtol=0, atol=0)
+
+
+def test_value_dropout_is_inverted_dropout() -> None:
+    """ValueDropout keeps each value with probability 1 - p, scaled by 1 / (1 - p); identity in eval or at p = 0."""
+    torch.manual_seed(0)
+    x = torch.rand(200_000) + 1.0
+    drop = ValueDropout(0.3).train()
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    torch.testing.assert_close(y[kept], x[kept] / 0.7)
+    assert torch.equal(drop.eval()(x), x) and torch.equal(ValueDropout(0.0).train()(x), x)
+    assert isinstance(drop, torch.nn.Dropout)
 
 
 def test_init_kaiming_fan_out() -> None:
