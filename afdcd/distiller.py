@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .afdcd import AfDCDLoss
-from .models import DeepLabV3, PSPNet
 
+SegNet = nn.Module  # DeepLabV3, PSPNet (models.py) or MiniSegNet (mini.py): `forward_all` -> SegOutputs
 IGNORE_INDEX = -1  # spec f.2: every void value is remapped to -1
 
 
@@ -40,9 +40,13 @@ def pixel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: f
 
 
 class SegDistiller(nn.Module):
-    """Student + optional frozen teacher + optional Af-DCD loss module, with the b.1 weights."""
+    """Student + optional frozen teacher + optional Af-DCD loss module, with the b.1 weights.
 
-    def __init__(self, student: DeepLabV3 | PSPNet, teacher: DeepLabV3 | PSPNet | None = None,
+    Student and teacher are segmentation networks with `num_classes` and `forward_all(x, aux) -> SegOutputs`
+    (the table models of models.py, or spec i's mini nets in mini.py).
+    """
+
+    def __init__(self, student: SegNet, teacher: SegNet | None = None,
                  loss_module: AfDCDLoss | None = None, *, aux_weight: float = 0.4, kd_weight: float = 1.0,
                  kd_temperature: float = 1.0, fm_weight: float = 2e-6, ctr_weight: float = 5e-3) -> None:
         super().__init__()
@@ -94,6 +98,6 @@ class SegDistiller(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.student(images)
 
-    def eval_model(self) -> DeepLabV3 | PSPNet:
+    def eval_model(self) -> SegNet:
         """What is evaluated and saved as the deployable checkpoint: the student alone (b.0)."""
         return self.student
