@@ -50,8 +50,8 @@ from .train import CONFIG_DIR, parse
 DEFAULTS: dict[str, Any] = {**BENCH_DEFAULTS, "row": "cityscapes_deeplabv3_resnet18_afdcd_randmask", "batch": 2,
                             "crop": "auto", "repeats": 3, "warmup": 1}
 REFERENCE_CROP = (512, 1024)  # the recipe's Cityscapes crop; the MAC targets are per such crop
-# CPU: a quarter of its area. At 128x256 (16x32 maps) the generator's weight-gradient GEMMs reduce over only
-# B*H*W = 1024 values and ran at ~70% of its forward's rate (2 threads); at 32x64 maps at ~80% (README).
+# CPU: a quarter of its area, one round ~25 s. Every crop meets the target (README: 128x256, 256x512, 512x1024);
+# at 128x256 only with large allocations on the heap (the generator's weight gradients reduce over B*H*W = 1024).
 CPU_CROP = (256, 512)
 
 
