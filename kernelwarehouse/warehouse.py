@@ -273,7 +273,8 @@ class KWConvNd(KWLayer):
       taps are summed. It wins when the output is small next to the kernel (late, low-resolution stages).
     * ``im2col`` (2-D, g=1): the taps as channels-last rows ``[B, L, S I]`` times the per-sample kernel assembled
       transposed (``[B, S I, c_o]``, from the warehouse cells seen as ``[n, c_i c_o]``): one GEMM per sample and
-      output block, no tap sum. It wins for strided layers with several output blocks (``G_o > 1``).
+      output block, no tap sum. It wins without autograd wherever ``tapwise`` is eligible, and in training for
+      strided layers with several output blocks (``G_o > 1``).
     * ``mixed`` (2-D, g=1): no per-sample kernel at all. By linearity ``y_b[p] = sum_k E_k (sum_{s,q}
       alpha[b, (s, p, q), k] X_b[s, q])``: the attention mixes each sample's input taps once per warehouse
       cell, then one dense GEMM applies the whole warehouse ``[c_o, n c_i]`` to the mixed inputs of every
