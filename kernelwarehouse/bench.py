@@ -5,6 +5,7 @@
     python -m kernelwarehouse.bench models=kw1x_resnet18,kw4x_mobilenetv2_100 batch=32 size=224 threads=8
     python -m kernelwarehouse.bench impl=grouped                  # our model with the official op order
     python -m kernelwarehouse.bench mixed_ratio=0 tapwise_ratio=0 # impl=auto's thresholds (0: never that path)
+    python -m kernelwarehouse.bench channels_last=false           # every candidate in NCHW memory instead
     KW_HEAP=off python -m kernelwarehouse.bench                   # glibc's default allocator (slower)
 
 Every ``common.bench`` key works (``device``, ``threads``, ``repeats``, ``warmup``, ``modes``, ``memory``,
@@ -14,7 +15,9 @@ Every ``common.bench`` key works (``device``, ``threads``, ``repeats``, ``warmup
 attention, as during and after the anneal). ``official=`` points at a checkout of the official repository:
 its model is built from its own ``configs/<arch>/<row>.json`` *after* ours (importing its ``models`` package
 re-registers timm names) and timed in the same rounds; the official sources never enter this tree.
-On a GPU: bf16 autocast, channels_last, TFLOP/s against the card's peak.
+All candidates run in one memory format, channels_last by default: it is the plain ResNet's faster format on
+the CPU too (its stem max-pool alone costs ~10x more in NCHW), so NCHW would handicap the baseline.
+On a GPU: bf16 autocast, TFLOP/s against the card's peak.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from kernelwarehouse.warehouse import KWConvNd, KWLayer, KWLinear
 
 DEFAULTS: dict[str, Any] = {**BENCH_DEFAULTS, "threads": 2, "models": "kw1x_resnet18", "batch": 16, "size": 160,
                             "impl": "auto", "tapwise_ratio": None, "mixed_ratio": None, "official": None,
-                            "temperature": 0.5}
+                            "temperature": 0.5, "channels_last": True}
 _OFFICIAL_KW_KEYS = ("reduction", "cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio", "sharing_range",
                      "nonlocal_basis_ratio")
 
@@ -95,6 +98,14 @@ def official_model(root: Path, name: str, temperature: float) -> nn.Module:
     return model
 
 
+def to_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+    """The 4-D conv weights in ``memory_format`` (``Module.to(memory_format=)`` rejects KW's 5-D warehouses)."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            mod.to(memory_format=memory_format)
+    return model
+
+
 def candidates_for(name: str, opts: dict[str, Any], device: torch.device) -> list[Candidate]:
     """Plain baseline, ours, and (with ``official=``) the official model of one row, on one batch."""
     batch, size = int(opts["batch"]), int(opts["size"])
@@ -110,12 +121,12 @@ def candidates_for(name: str, opts: dict[str, Any], device: torch.device) -> lis
         models[name] = kw
         if opts["official"]:  # after ours: the official package re-registers timm names
             models[f"{name} (official)"] = official_model(Path(opts["official"]), name, float(opts["temperature"]))
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last if opts["channels_last"] else torch.contiguous_format
     x = torch.randn(batch, 3, size, size).to(device, memory_format=memory_format)
     sample = torch.zeros(1, 3, size, size, device=device)
     out = []
     for label, model in models.items():
-        model.to(device, memory_format=memory_format)
+        to_memory_format(model.to(device), memory_format)
         out.append(Candidate(label, model, classification_steps(model, x), batch=batch, sample=sample))
     return out
 
@@ -133,7 +144,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     cfg = bench_config(opts)
     torch.manual_seed(0)
     print(f"KernelWarehouse bench: {describe(cfg)}, batch {opts['batch']}, {opts['size']} px, impl={opts['impl']}, "
-          f"tau={opts['temperature']}, large allocations on the heap: {'yes' if heap_kept() else 'no (KW_HEAP=off)'}")
+          f"tau={opts['temperature']}, {'channels_last' if opts['channels_last'] else 'NCHW'}, "
+          f"large allocations on the heap: {'yes' if heap_kept() else 'no (KW_HEAP=off)'}")
     records: list[dict[str, Any]] = []
     for name in split_list(str(opts["models"])):
         rows = compare(candidates_for(name, opts, cfg.device), cfg)

@@ -273,7 +273,8 @@ class KWConvNd(KWLayer):
       taps are summed. It wins when the output is small next to the kernel (late, low-resolution stages).
     * ``im2col`` (2-D, g=1): the taps as channels-last rows ``[B, L, S I]`` times the per-sample kernel assembled
       transposed (``[B, S I, c_o]``, from the warehouse cells seen as ``[n, c_i c_o]``): one GEMM per sample and
-      output block, no tap sum. It wins for strided layers with several output blocks (``G_o > 1``).
+      output block, no tap sum. It wins without autograd wherever ``tapwise`` is eligible, and in training for
+      strided layers with several output blocks (``G_o > 1``).
     * ``mixed`` (2-D, g=1): no per-sample kernel at all. By linearity ``y_b[p] = sum_k E_k (sum_{s,q}
       alpha[b, (s, p, q), k] X_b[s, q])``: the attention mixes each sample's input taps once per warehouse
       cell, then one dense GEMM applies the whole warehouse ``[c_o, n c_i]`` to the mixed inputs of every
@@ -299,9 +300,11 @@ class KWConvNd(KWLayer):
                 return "mixed"
             # tap outputs [B, S, G_i, O, L] versus the permuted kernels [B, O, I, S]
             if self.groups_in * length <= self._manager[0].tapwise_ratio * self.in_planes:
-                # several output blocks and enough rows for a GEMM: one GEMM per sample and block beats the
-                # broadcast tap products (measured: ResNet18 layer3.0.conv1 at 160 px, not layer4.0.conv1)
-                if self.groups_out > 1 and length >= self._manager[0].im2col_min_length:
+                # one GEMM per sample and output block beats the broadcast tap products without autograd
+                # (measured: every such layer of ResNet18 at 160 px, both memory formats, 1 and 2 threads) and in
+                # training for several output blocks with enough rows (layer3.0.conv1, not layer4.0.conv1)
+                if not torch.is_grad_enabled() or (self.groups_out > 1
+                                                   and length >= self._manager[0].im2col_min_length):
                     return "im2col"
                 return "tapwise"
         return "grouped"
@@ -352,8 +355,7 @@ class KWConvNd(KWLayer):
         ho, wo = taps.shape[2:4]
         taps = taps.permute(0, 2, 3, 4, 5, 1).reshape(b, ho * wo, s * gi * ci)  # rows [B, L, (s, q, c)]
         # transposed cells [n, c_i c_o]: the assembled kernel is then [B, (s, q, c), c_o], a GEMM operand as is
-        cells_t = self._manager[0].weights[self.warehouse_id].to(x.dtype).view(n, co, ci).transpose(1, 2)
-        cells_t = cells_t.reshape(n, ci * co)
+        cells_t = self._manager[0].warehouse_as(self.warehouse_id, "cells_transposed", x.dtype)
         mix = attn.view(b, s, go, gi, n)
         outs = [torch.bmm(taps, torch.mm(mix[:, :, p].reshape(-1, n), cells_t).view(b, s * gi * ci, co))
                 for p in range(go)]  # [B, L, c_o] per output block
@@ -362,7 +364,7 @@ class KWConvNd(KWLayer):
 
     def _mixed(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[0], self.num_cells
-        s, go, gi, co, ci = self.groups_spatial, self.groups_out, self.groups_in, self.cell_out, self.cell_in
+        s, go, gi, ci = self.groups_spatial, self.groups_out, self.groups_in, self.cell_in
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         taps = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # [B, I, Ho, Wo, kh, kw]
         ho, wo = taps.shape[2:4]
@@ -370,8 +372,7 @@ class KWConvNd(KWLayer):
         # mixture j = (s G_o + p) G_i + q -> [B, 1, G_o n, S G_i]: for each output block p and cell k
         mix = attn.reshape(b, s, go, gi, n).permute(0, 2, 4, 1, 3).reshape(b, 1, go * n, s * gi)
         mixed = torch.matmul(mix, taps)  # [B, L, G_o n, c_i]
-        warehouse = self._manager[0].weights[self.warehouse_id].to(x.dtype)
-        cells = warehouse.reshape(n, co, ci).transpose(0, 1).reshape(co, n * ci)  # [c_o, n c_i]
+        cells = self._manager[0].warehouse_as(self.warehouse_id, "out_by_cells", x.dtype)  # [c_o, n c_i]
         y = F.linear(mixed.reshape(-1, n * ci), cells)  # [B L G_o, c_o]
         return y.view(b, ho, wo, self.out_planes).permute(0, 3, 1, 2)  # channels-last memory
 
@@ -434,13 +435,14 @@ class WarehouseManager(nn.Module):
         self.impl = impl
         self.tapwise_ratio = 1.0  # 'tapwise' when G_i L <= ratio I (measured with kernelwarehouse.bench)
         self.mixed_ratio = 1.6  # 'mixed' when n L <= ratio S G_i (n + L) (measured with kernelwarehouse.bench)
-        self.im2col_min_length = 64  # 'im2col' for G_o > 1 when L >= this (measured with kernelwarehouse.bench)
+        self.im2col_min_length = 64  # in training, 'im2col' for G_o > 1 when L >= this (kernelwarehouse.bench)
         self.sharing_range = parse_sharing_range(sharing_range)
         self.reduction, self.cell_num_ratio = reduction, cell_num_ratio
         self.cell_inplane_ratio, self.cell_outplane_ratio = cell_inplane_ratio, cell_outplane_ratio
         self.nonlocal_basis_ratio, self.norm = float(nonlocal_basis_ratio), norm
         self.names: list[str] = []  # fused warehouse names, in order of first reservation
         self._scratch: dict[tuple[Any, ...], torch.Tensor] = {}  # inference-only assembly workspace
+        self._layouts: dict[tuple[Any, ...], torch.Tensor] | None = None  # per network forward, see warehouse_as
         self._layers: dict[str, list[list[int]]] = {}
         self.weights = nn.ParameterList()
         self.finalized = False
@@ -534,9 +536,21 @@ class WarehouseManager(nn.Module):
         self.finalized = True
 
     def finalize(self, network: nn.Module) -> None:
-        """``store()`` then ``allocate(network)``; call once after the network is built."""
+        """``store()`` then ``allocate(network)``; call once after the network is built.
+
+        Also hooks the network's forward so that the warehouses' GEMM layouts (:meth:`warehouse_as`) are
+        copied once per forward instead of once per layer.
+        """
         self.store()
         self.allocate(network)
+        network.register_forward_pre_hook(self._open_forward)
+        network.register_forward_hook(self._close_forward, always_call=True)
+
+    def _open_forward(self, network: nn.Module, args: Any) -> None:
+        self._layouts = {}
+
+    def _close_forward(self, network: nn.Module, args: Any, output: Any) -> None:
+        self._layouts = None
 
     # -- runtime -----------------------------------------------------------------------------------------
     def assemble_cells(self, warehouse_id: int, attn: torch.Tensor, workspace: bool = False) -> torch.Tensor:
@@ -559,6 +573,29 @@ class WarehouseManager(nn.Module):
             buffer = torch.empty(size, device=attn.device, dtype=attn.dtype)
             self._scratch[key] = buffer
         return torch.mm(attn, flat, out=buffer[:size].view(attn.shape[0], flat.shape[1]))
+
+    def warehouse_as(self, warehouse_id: int, layout: str, dtype: torch.dtype) -> torch.Tensor:
+        """Warehouse ``E [n, c_o, c_i]`` copied into a GEMM operand's layout: ``"cells_transposed"``
+        ``[n, c_i c_o]`` (each cell transposed: ``im2col``) or ``"out_by_cells"`` ``[c_o, n c_i]`` (``mixed``).
+
+        During a forward of the network passed to :meth:`finalize` the copy is made once and shared by all
+        layers of the warehouse (autograd sums their gradients through it); weights cannot change within one
+        forward, and the copies are dropped when it ends. Outside such a forward: a fresh copy per call.
+        """
+        key = (warehouse_id, layout, dtype, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        if self._layouts is not None and key in self._layouts:
+            return self._layouts[key]
+        w = self.weights[warehouse_id].to(dtype)
+        n, c_o, c_i = w.shape[:3]
+        if layout == "cells_transposed":
+            out = w.reshape(n, c_o, c_i).transpose(1, 2).reshape(n, c_i * c_o)
+        elif layout == "out_by_cells":
+            out = w.reshape(n, c_o, c_i).transpose(0, 1).reshape(c_o, n * c_i)
+        else:
+            raise ValueError(f"unknown warehouse layout {layout!r}")
+        if self._layouts is not None:
+            self._layouts[key] = out
+        return out
 
     def set_temperature(self, tau: float) -> None:
         """Set the attention temperature of every layer of this manager (spec §b.9)."""

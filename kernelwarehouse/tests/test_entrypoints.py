@@ -76,3 +76,20 @@ def test_train_sigterm_exits_143_then_resume_finishes(tmp_path: Path) -> None:
             f"hydra.run.dir={run_dir}", f"output_dir={tmp_path / 'outputs'}"]
     sigterm_then_resume("kernelwarehouse.train", args, run_dir, resume_args=("trainer.epochs=1",))
     assert json.loads((run_dir / "result.json").read_text())["kind"] == "trained"
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_bench_runs_every_candidate_in_one_memory_format(channels_last: bool) -> None:
+    """The plain baseline and ours get the same memory format (channels_last by default: the baseline's faster
+    CPU format, issue 8), which ``Module.to(memory_format=)`` could not give KW's 5-D warehouses."""
+    from kernelwarehouse.bench import candidates_for, parse_args
+
+    opts = parse_args(["batch=2", "size=32", f"channels_last={str(channels_last).lower()}"])
+    assert parse_args([])["channels_last"] is True
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    candidates = candidates_for("kw1x_resnet18", opts, torch.device("cpu"))
+    assert [c.name for c in candidates] == ["resnet18", "kw1x_resnet18"]
+    for cand in candidates:
+        convs = [m for m in cand.model.modules() if type(m) is torch.nn.Conv2d]
+        assert convs and all(m.weight.is_contiguous(memory_format=fmt) for m in convs)
+        cand.steps["infer"]()

@@ -232,6 +232,51 @@ def test_every_kernel_application_equals_the_grouped_conv(how: str, budget: floa
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-10 * scale + 1e-14, msg=name)
     with torch.inference_mode():
         torch.testing.assert_close(net.eval()(x), ref_net.eval()(x), rtol=1e-10, atol=1e-10)
+        x_cl = x.contiguous(memory_format=torch.channels_last)  # the bench's memory format
+        torch.testing.assert_close(net(x_cl), ref_net(x), rtol=1e-10, atol=1e-10)
+
+
+def test_inference_prefers_im2col_to_tapwise() -> None:
+    """Without autograd a layer eligible for the tap products is applied as im2col (measured faster, issue 8)."""
+    net = Net()
+    net.warehouse_manager.mixed_ratio, net.warehouse_manager.tapwise_ratio = FORCE["tapwise"]
+    x = torch.randn(3, 16, 9, 9)
+    assert net.a.kernel_application(x) == "tapwise"
+    with torch.no_grad():
+        assert net.a.kernel_application(x) == "im2col"
+
+
+def test_warehouse_layouts_are_shared_within_one_forward_and_never_stale() -> None:
+    """One copy of a warehouse's GEMM layout per network forward, dropped at its end (even on an error), so
+    weights changed between forwards, even through ``.data`` (no version bump), are always seen."""
+    torch.manual_seed(8)
+    net = Net().eval()
+    manager = net.warehouse_manager
+    manager.mixed_ratio = math.inf  # a and b: mixed, both from the one stage-0 warehouse
+    ref = copy.deepcopy(net)
+    ref.warehouse_manager.impl = "grouped"
+    copies = []
+    original = manager.warehouse_as
+
+    def counting(*args: object) -> torch.Tensor:
+        out = original(*args)
+        copies.append(out.data_ptr())
+        return out
+
+    manager.warehouse_as = counting
+    x = torch.randn(3, 16, 9, 9)
+    with torch.no_grad():
+        net(x)
+        assert len(copies) == 2 and len(set(copies)) == 1 and manager._layouts is None
+        for m in (net, ref):
+            m.warehouse_manager.weights[0].data.mul_(-2.0)
+        torch.testing.assert_close(net(x), ref(x))
+        with pytest.raises(RuntimeError):
+            net(torch.randn(3, 7, 9, 9))
+        assert manager._layouts is None
+        for m in (net, ref):
+            m.warehouse_manager.weights[0].data.mul_(0.5)
+        torch.testing.assert_close(net.a(x), ref.a(x))  # a layer alone, outside a network forward
 
 
 def test_analytic_macs_match_the_spec() -> None:
