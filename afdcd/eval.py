@@ -19,13 +19,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from common.checkpoint import read_checkpoint
 from common.config import hydra_main, run_dir, save_resolved
 from common.dist import cleanup, init_distributed
-from common.engine import eval_loader, resolve_amp, resolve_channels_last
+from common.engine import eval_loader, resolve_amp, resolve_channels_last, to_channels_last
 from common.errors import UserError
 from common.results import evaluation_record, write_record
 from common.tasks import EvalContext
@@ -51,7 +50,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     ctx = EvalContext(env, resolve_amp(r.trainer.amp, env.device), resolve_channels_last(r.trainer.channels_last,
                                                                                           env.device), True)
     if ctx.channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     metrics = task.evaluate(model, loader, ctx)
     out = run_dir(cfg, "afdcd", f"eval_{cfg.name}")
     if env.is_main:

@@ -54,7 +54,7 @@ from common.results import ResultRecord, write_record
 from common.tasks import EvalContext, Losses, Task, autocast, to_device
 
 __all__ = ["EpochSeeded", "Hook", "Progress", "RunInfo", "Trainer", "autocast", "build_optimizer",
-           "build_scheduler", "eval_loader", "precise_bn", "resolve_amp", "resolve_channels_last",
+           "build_scheduler", "eval_loader", "precise_bn", "resolve_amp", "resolve_channels_last", "to_channels_last",
            "seed_everything"]
 
 
@@ -169,6 +169,15 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 def resolve_channels_last(flag: str, device: torch.device) -> bool:
     return flag == "on" or (flag == "auto" and device.type == "cuda")
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Every 4-D parameter and buffer of ``module`` in channels_last memory, in place; other ranks untouched.
+
+    ``Module.to(memory_format=torch.channels_last)`` raises on any 5-D tensor (a Conv3d weight, KernelWarehouse's
+    warehouses), so a model holding one could not train or evaluate with channels_last (the GPU default).
+    """
+    return module._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int = 2,
@@ -327,7 +336,7 @@ class Trainer:
         self.amp_dtype = resolve_amp(trainer.amp, self.env.device)
         self.channels_last = resolve_channels_last(trainer.channels_last, self.env.device)
         if self.channels_last:
-            self.method.to(memory_format=torch.channels_last)
+            to_channels_last(self.method)
 
         self.plan = batch_plan(trainer.global_batch, self.env.world_size, trainer.max_device_batch)
         # A paper's own training sampler (e.g. repeated augmentation) keeps ResumableSampler's interface:

@@ -34,6 +34,7 @@ from common.allocator import heap_kept
 from common.bench import BENCH_DEFAULTS, Candidate, bench_config, classification_steps, compare, describe, print_table
 from common.bench import ratio as time_ratio
 from common.cli import parse_overrides, split_list
+from common.engine import to_channels_last
 from common.errors import UserError, cli_guard
 from kernelwarehouse.models import create_model, warehouse_manager
 from kernelwarehouse.warehouse import KWConvNd, KWLayer, KWLinear
@@ -98,14 +99,6 @@ def official_model(root: Path, name: str, temperature: float) -> nn.Module:
     return model
 
 
-def to_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
-    """The 4-D conv weights in ``memory_format`` (``Module.to(memory_format=)`` rejects KW's 5-D warehouses)."""
-    for mod in model.modules():
-        if isinstance(mod, nn.Conv2d):
-            mod.to(memory_format=memory_format)
-    return model
-
-
 def candidates_for(name: str, opts: dict[str, Any], device: torch.device) -> list[Candidate]:
     """Plain baseline, ours, and (with ``official=``) the official model of one row, on one batch."""
     batch, size = int(opts["batch"]), int(opts["size"])
@@ -126,7 +119,9 @@ def candidates_for(name: str, opts: dict[str, Any], device: torch.device) -> lis
     sample = torch.zeros(1, 3, size, size, device=device)
     out = []
     for label, model in models.items():
-        to_memory_format(model.to(device), memory_format)
+        model.to(device)
+        if opts["channels_last"]:
+            to_channels_last(model)
         out.append(Candidate(label, model, classification_steps(model, x), batch=batch, sample=sample))
     return out
 

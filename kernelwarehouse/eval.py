@@ -14,14 +14,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from common.checkpoint import extract_state_dict, load_state_dict_verbose, read_checkpoint
 from common.config import TrainerConfig, hydra_main, save_resolved, validate
 from common.dist import cleanup, init_distributed
-from common.engine import eval_loader, resolve_amp, resolve_channels_last
+from common.engine import eval_loader, resolve_amp, resolve_channels_last, to_channels_last
 from common.errors import UserError
 from common.results import evaluation_record, write_record
 from common.tasks import evaluate
@@ -76,7 +75,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     amp = resolve_amp(trainer_cfg.amp, env.device)
     channels_last = resolve_channels_last(trainer_cfg.channels_last, env.device)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     batch = trainer_cfg.max_device_batch or 64
     metrics = evaluate(model, eval_loader(val_set, batch, env, trainer_cfg.workers), env, amp, channels_last,
                        show_progress=True)

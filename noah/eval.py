@@ -14,12 +14,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from common.config import TrainerConfig, hydra_main, save_resolved, validate
 from common.dist import cleanup, init_distributed
-from common.engine import eval_loader, resolve_amp, resolve_channels_last
+from common.engine import eval_loader, resolve_amp, resolve_channels_last, to_channels_last
 from common.errors import UserError
 from common.results import evaluation_record, write_record
 from common.tasks import EvalContext
@@ -44,7 +43,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     amp = resolve_amp(trainer_cfg.amp, env.device)
     channels_last = resolve_channels_last(trainer_cfg.channels_last, env.device)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     batch = trainer_cfg.eval_batch or trainer_cfg.max_device_batch or 100
     loader = eval_loader(val_set, batch, env, trainer_cfg.workers)
     metrics = task.evaluate(model, loader, EvalContext(env, amp, channels_last, show_progress=True))

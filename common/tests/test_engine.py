@@ -336,3 +336,31 @@ def test_multilabel_task_scores_map_loss_and_prevalence() -> None:
     assert task.evaluate(reversed_scores, loader, EvalContext(DistEnv()))["mAP"] < 60.0
     assert task.losses(type("M", (), {"forward_train": lambda s, x, y: (x, {"loss_bce": y.sum()})})(),
                        (targets, targets))["loss_bce"] == targets.sum()
+
+
+class _WithFiveDimParameter(nn.Module):
+    """A 2-D conv net that also holds a 5-D parameter (as a Conv3d weight or a KernelWarehouse warehouse)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+        self.bank = nn.Parameter(torch.zeros(2, 8, 3, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + 0.0 * self.bank.sum()
+
+
+def test_channels_last_trainer_accepts_five_dim_parameters(tmp_path: Path) -> None:
+    """`trainer.channels_last=on` (the GPU default) converts the 4-D weights and leaves 5-D tensors alone:
+    `Module.to(memory_format=channels_last)` raised on them, so such a model could not train at all."""
+    model = _WithFiveDimParameter()
+    with pytest.raises(RuntimeError, match="rank 4"):
+        _WithFiveDimParameter().to(memory_format=torch.channels_last)  # what the loop used to call
+    cfg = TrainerConfig(epochs=1, global_batch=16, workers=0, log_every=2, seed=3, channels_last="on")
+    trainer = Trainer(Classifier(model), NoisyBlobs(), NoisyBlobs(24), cfg, OptimConfig(name="sgd", lr=0.05),
+                      ScheduleConfig(name="cosine"), tmp_path, task=ClassificationTask(), model=model)
+    conv = model.net[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert model.bank.dim() == 5 and model.bank.is_contiguous()
+    metrics = trainer.fit()
+    assert metrics["top1"] > 100 / 3  # it trained (3 classes), in channels_last
