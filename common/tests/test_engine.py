@@ -356,9 +356,10 @@ def test_channels_last_trainer_accepts_five_dim_parameters(tmp_path: Path) -> No
     model = _WithFiveDimParameter()
     with pytest.raises(RuntimeError, match="rank 4"):
         _WithFiveDimParameter().to(memory_format=torch.channels_last)  # what the loop used to call
-    cfg = TrainerConfig(epochs=1, global_batch=16, workers=0, log_every=2, seed=3, channels_last="on")
+    cfg = TrainerConfig(epochs=1, global_batch=16, workers=0, log_every=2, seed=3, channels_last="on",
+                        resume="none")
     trainer = Trainer(Classifier(model), NoisyBlobs(), NoisyBlobs(24), cfg, OptimConfig(name="sgd", lr=0.05),
-                      ScheduleConfig(name="cosine"), tmp_path, task=ClassificationTask(), model=model)
+                      ScheduleConfig(name="cosine"), tmp_path / "run", task=ClassificationTask(), model=model)
     conv = model.net[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert model.bank.dim() == 5 and model.bank.is_contiguous()
