@@ -93,17 +93,28 @@ def make_shapes(num_images: int, seed: int, size: int = SIZE, colour_noise: floa
 
 
 class ShapesPool(Dataset):
-    """A pre-generated pool of (image, label) pairs; with `hflip`, each sample is mirrored with probability 0.5."""
+    """A pre-generated pool of (image, label) pairs; with `hflip`, each sample is mirrored with probability 0.5.
 
-    def __init__(self, images: Tensor, labels: Tensor, hflip: bool = False) -> None:
+    The flips come from the pool's own generator (`reseed(seed)` before each run), not the global one: the
+    Af-DCD loss draws its random mask from the global generator (as the official code), and with global flips
+    every mask draw shifted the flip sequence, so the Af-DCD student saw other flips than the CE and CE + KD
+    students of its seed. With the pool's generator the three students see the same batches.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, hflip: bool = False, seed: int = 0) -> None:
         self.images, self.labels, self.hflip = images, labels, hflip
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the flip sequence (workers=0: the draws follow the sampler's order)."""
+        self.generator.manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image, label = self.images[index], self.labels[index]
-        if self.hflip and bool(torch.rand(()) < 0.5):
+        if self.hflip and bool(torch.rand((), generator=self.generator) < 0.5):
             image, label = image.flip(-1), label.flip(-1)
         return image, label
 
@@ -185,6 +196,8 @@ def _fit(method: nn.Module, model: nn.Module, train_set: Dataset, val_set: Datas
     optim = OptimConfig(name="sgd", lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     schedule = ScheduleConfig(name=ScheduleName.poly, power=recipe.power, warmup_epochs=0.0, per_step=True)
     params = [p for p in method.parameters() if p.requires_grad]
+    if isinstance(train_set, ShapesPool):
+        train_set.reseed(seed)
     trainer = Trainer(method, train_set, val_set, trainer_cfg, optim, schedule, out, task=SegmentationTask(5),
                       model=model, params=params, clip_params=clip)
     return trainer.fit()["mIoU"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from afdcd.mini import BASE_COLOURS, CLASS_NAMES, MiniRecipe, make_shapes, mini_student, mini_teacher, run_mini
+from afdcd.mini import BASE_COLOURS, CLASS_NAMES, MiniRecipe, ShapesPool, make_shapes, mini_student, mini_teacher, run_mini
 
 
 def count(module: torch.nn.Module) -> int:
@@ -60,3 +60,28 @@ def test_run_mini_wiring_on_a_tiny_budget(tmp_path: Path) -> None:
     assert any(k.startswith("teacher.") for k in keys["kd"])
     assert not any(k.startswith("loss_module.") for k in keys["kd"])
     assert "loss_module.generator.0.weight" in keys["afdcd"] and "loss_module.align.weight" in keys["afdcd"]
+
+
+def test_the_students_of_a_seed_see_the_same_batches(tmp_path: Path, monkeypatch) -> None:
+    # the Af-DCD loss draws its mask from the global generator; the flips must not depend on it
+    from afdcd import distiller
+
+    seen: list[list[float]] = []
+    forward_train = distiller.SegDistiller.forward_train
+
+    def record(self, images, labels):
+        if self.training:
+            seen.append(images.sum(dim=(1, 2, 3)).tolist())
+        return forward_train(self, images, labels)
+
+    monkeypatch.setattr(distiller.SegDistiller, "forward_train", record)
+    recipe = MiniRecipe(train_images=32, val_images=8, teacher_iterations=2, student_iterations=3)
+    run_mini(seeds=(0,), out=tmp_path, recipe=recipe)
+    batches = seen[2:]  # after the teacher's two steps: CE, CE + KD, Af-DCD x 3 steps
+    assert len(batches) == 9
+    assert batches[0:3] == batches[3:6] == batches[6:9]
+    flipped = ShapesPool(*make_shapes(4, seed=0), hflip=True, seed=1)
+    first = [flipped[i][0] for i in range(4)]
+    torch.rand(100)  # other draws on the global generator change nothing
+    flipped.reseed(1)
+    assert all(torch.equal(a, flipped[i][0]) for i, a in enumerate(first))
