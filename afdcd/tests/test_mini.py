@@ -6,7 +6,16 @@ from pathlib import Path
 
 import torch
 
-from afdcd.mini import BASE_COLOURS, CLASS_NAMES, MiniRecipe, ShapesPool, make_shapes, mini_student, mini_teacher, run_mini
+from afdcd.mini import (
+    BASE_COLOURS,
+    CLASS_NAMES,
+    MiniRecipe,
+    ShapesPool,
+    make_shapes,
+    mini_student,
+    mini_teacher,
+    run_mini,
+)
 
 
 def count(module: torch.nn.Module) -> int:
