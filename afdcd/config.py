@@ -52,7 +52,6 @@ class MethodConfig:
     kd_temperature: float = 1.0
     fm_weight: float = 2e-6
     ctr_weight: float = 5e-3
-    clip_grad_loss_module: float | None = 15.0  # b.4: only the loss module's gradients are clipped
     loss: LossModuleConfig = field(default_factory=LossModuleConfig)
 
 

@@ -10,8 +10,8 @@ cityscapes_val, voc_val, camvid_test, ade20k_val, coco_stuff_164k_val, or ``$CIT
 ``teacher_dir`` (the CIRKD teachers ``deeplabv3_resnet101_<citys|pascal_aug|camvid|ade20k|coco_stuff_164k>
 _best_model.pth``) and ``init_dir`` (the CSAIL ImageNet inits ``resnet18-imagenet.pth``,
 ``mobilenetv2-imagenet.pth``). Teacher rows evaluate their checkpoint; a student row whose teacher is not in
-``teacher_dir`` is skipped with a line saying so. The smoke summary prints each run's mIoU beside the
-majority-class mIoU; a run below twice that floor makes the command fail (exit 2).
+``teacher_dir`` is skipped with a line saying so (baseline rows need none). The smoke summary prints each
+run's mIoU beside the majority-class mIoU; a run below twice that floor makes the command fail (exit 2).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def full_runs(plan: Plan) -> list[Run]:
             print(f"skip {row['id']}: no {dataset} root given")
             continue
         teacher = teacher_dir / f"deeplabv3_resnet101_{TEACHER_FILES[dataset]}_best_model.pth" if teacher_dir else None
-        if teacher is None or not teacher.is_file():
+        if row["role"] != "baseline" and (teacher is None or not teacher.is_file()):  # a baseline needs none
             print(f"skip {row['id']}: no teacher {teacher or 'deeplabv3_resnet101_..._best_model.pth'} "
                   "(set teacher_dir=)")
             continue

@@ -15,6 +15,20 @@ class UserError(Exception):
     """An error the user can fix; its message is one line that says what to do."""
 
 
+def one_line(err: UserError) -> str:
+    """The error's own message. A DataLoader worker re-raises it with the worker's traceback in the message
+    ("Caught X in DataLoader worker process 0. Original Traceback ..."); its last line is the message."""
+    text = str(err)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    cls = type(err)
+    for prefix in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
+
+
 def cli_guard(fn: F) -> F:
     """Run an entry point; a `UserError` becomes `error: <message>` on stderr and exit code 2.
 
@@ -28,7 +42,7 @@ def cli_guard(fn: F) -> F:
         except UserError as err:
             if os.environ.get("OSVAI_TRACEBACK") == "1":
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

@@ -43,7 +43,7 @@ def test_experiment_recipe_validates_and_builds(row_id):
         assert method.kd_weight == kd and method.kd_temperature == 1.0
     if row["role"] == "afdcd":
         assert (method.fm_weight, method.ctr_weight, cfg.trainer.iterations) == (fd, ctr, iters)
-        assert method.clip_grad_loss_module == 15.0 and method.loss.tau == 0.07 and method.loss.groups == 16
+        assert cfg.trainer.clip_grad == 15.0 and method.loss.tau == 0.07 and method.loss.groups == 16
         assert (method.loss.crop, method.loss.pool_size) == ((44, 0) if data.name == "camvid" else (None, 4))
         centre = row_id == "cityscapes_deeplabv3_resnet18_afdcd"
         assert method.loss.mask == ("centre" if centre else "random")
@@ -67,6 +67,7 @@ def test_camvid_selection_switch_and_smoke_profile():
 
 @pytest.mark.parametrize("override,match", [
     ("+method.lambda_fd=1", "method.lambda_fd"),
+    ("+method.clip_grad_loss_module=5", "method.clip_grad_loss_module"),  # the clip is trainer.clip_grad (b.4)
     ("method.loss.mask=half", "method.loss.mask='half'"),
     ("method.loss.generator=True", "method.loss.generator"),
     ("method.kd_weight=abc", "method.kd_weight"),

@@ -113,6 +113,8 @@ def label_lut(name: str, num_classes: int | None = None) -> np.ndarray:
             raise DatasetError(f"COCO-Stuff-164K has 182 classes (171 with the mmseg mapping), not {num_classes}")
     else:
         raise DatasetError(f"unknown segmentation dataset '{name}'; valid names: {', '.join(LAYOUTS)}")
+    if num_classes is not None:  # a shrunk class set (smoke): train ids beyond it are outside the set, not void
+        lut[lut >= num_classes] = INVALID
     return lut
 
 

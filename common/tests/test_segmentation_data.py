@@ -95,6 +95,21 @@ def test_label_outside_class_set_names_png_and_value(tmp_path: Path) -> None:
         ds[0]
 
 
+def test_train_id_beyond_a_shrunk_class_set_names_png_and_value(tmp_path: Path) -> None:
+    """data.num_classes below the layout's (smoke): a valid Cityscapes id whose train id is >= num_classes is
+    outside the class set, a one-line DatasetError, not an IndexError / device assert in the loss."""
+    root = write_synthetic_segmentation("cityscapes", tmp_path / "c", num_classes=5, sizes={"train": 2, "val": 1})
+    ds = SegmentationDataset("cityscapes", root, "train", num_classes=5)
+    ds[0]  # the writer's own 5 classes read
+    label_png = ds.files[0][1]
+    raw = cv2.imread(str(label_png), cv2.IMREAD_GRAYSCALE)
+    raw[0, 0] = 33  # labelId 33 = train id 18 (bicycle)
+    cv2.imwrite(str(label_png), raw)
+    assert int(SegmentationDataset("cityscapes", root, "train")[0][1][0, 0]) == 18  # 19 classes: valid
+    with pytest.raises(DatasetError, match=rf"label {label_png} holds value 33, outside the 5 classes of cityscapes"):
+        ds[0]
+
+
 def test_voc_train_aug_derived_from_aug_minus_val(tmp_path: Path) -> None:
     root = write_synthetic_segmentation("voc", tmp_path / "v", num_classes=6, sizes={"train": 3, "val": 2},
                                         write_lists=False)
