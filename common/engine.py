@@ -50,7 +50,7 @@ from common.config import LoggerConfig, OptimConfig, ScheduleConfig, Selection, 
 from common.dist import DistEnv, ResumableSampler, all_reduce_mean, batch_plan, scale_lr
 from common.errors import UserError
 from common.logging import RunLogger, progress
-from common.results import ResultRecord, write_record
+from common.results import ResultRecord, data_kind, write_record
 from common.tasks import EvalContext, Losses, Task, autocast, to_device
 
 __all__ = ["EpochSeeded", "Hook", "Progress", "RunInfo", "Trainer", "autocast", "build_optimizer",
@@ -117,6 +117,7 @@ class RunInfo:
     dataset: str
     synthetic: bool
     profile: str
+    data_root: str | None = None  # the dataset's folder or file: our synthetic writers' marker there -> synthetic
 
 
 class _TrainStep(nn.Module):
@@ -717,8 +718,9 @@ class Trainer:
         self.checkpointer.mark_finished()
         if self.run_info is not None and self.env.is_main:
             info = self.run_info
+            synthetic = info.synthetic or data_kind(info.dataset, info.data_root) == "synthetic"
             record = ResultRecord(paper=info.paper, experiment=info.experiment, row=info.row, kind="trained",
-                                  metrics=out, dataset=info.dataset, data="synthetic" if info.synthetic else "real",
+                                  metrics=out, dataset=info.dataset, data="synthetic" if synthetic else "real",
                                   checkpoint="ours", complete=complete, selection=str(self.cfg.selection),  # type: ignore[arg-type]
                                   profile=info.profile, seed=self.cfg.seed,  # type: ignore[arg-type]
                                   checkpoint_path=str(self.run_dir / "last.pt"), extra=extra)

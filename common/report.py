@@ -15,7 +15,6 @@ shown only if it was read from a file.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -139,22 +138,6 @@ def gather(outputs: str | os.PathLike, paper: str) -> Gathered:
         else:
             out.apart.append((path, record))
     return out
-
-
-def write_result(run_dir: str | os.PathLike, paper: str, experiment: str, row: str | None,
-                 profile: str, metrics: Mapping[str, float], seed: int | None = None,
-                 **extra: Any) -> Path:
-    """Legacy writer of a bare `result.json` (no provenance): the report skips what it writes, with a note.
-
-    Kept only while a `train.py` still calls it; new code writes a `common.results.ResultRecord`.
-    """
-    path = Path(run_dir) / "result.json"
-    record = {"paper": paper, "experiment": experiment, "row": row, "profile": profile,
-              "metrics": {k: float(v) for k, v in metrics.items()}, "seed": seed, **extra}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:

@@ -240,7 +240,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, float]:
     torch.manual_seed(c.trainer.seed)
     core = build_model(model_kwargs(c.model))
     info = RunInfo(PAPER, str(cfg.name), cfg.get("row"), "human36m", synthetic=c.data.name == "synthetic",
-                   profile=str(cfg.get("profile", "full")))
+                   profile=str(cfg.get("profile", "full")), data_root=c.data.root)
     heldout = PoseDataset(splits["heldout"]) if len(splits["heldout"]) else None
     trainer = Trainer(core, PoseDataset(splits["train"]), PoseDataset(splits["test"]), c.trainer, c.optim, c.schedule,
                       out, env, task=RegressionTask(score), heldout_set=heldout,

@@ -158,7 +158,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                                          for w in manager.summary()))
     task = KWClassificationTask(model, trainer_cfg.mixup, trainer_cfg.cutmix, trainer_cfg.label_smoothing,
                                 data.num_classes)
-    info = RunInfo(PAPER, cfg.name, cfg.row, "imagenet", synthetic=data.name == "synthetic", profile=cfg.profile)
+    info = RunInfo(PAPER, cfg.name, cfg.row, "imagenet", synthetic=data.name == "synthetic", profile=cfg.profile,
+                   data_root=data.root)
     trainer = Trainer(Classifier(model, trainer_cfg.label_smoothing), train_set, val_set, trainer_cfg, optim,
                       schedule, out, env, task=task, model=model,
                       hooks=[TemperatureSchedule(model, method.temp_epoch, method.temp_init)],

@@ -2,8 +2,9 @@
 
 Official containers (spec g): the CNN trainer saves ``{"state_dict": <DDP "module." keys>, "epoch", "acc",
 "best_acc", "optimizer"}``; DeiT/PVT ``{"model", "model_ema"?, "optimizer", ...}``; the timm MLP trainer
-``{"state_dict", "state_dict_ema", "arch", ...}``; a bare state_dict is accepted too. They are read with the
-restricted unpickler (``common.checkpoint.load_foreign``: no code from the file runs).
+``{"state_dict", "state_dict_ema", "arch", ...}``; a bare state_dict is accepted too. They are read by
+``common.checkpoint.load_official_checkpoint``: ``weights_only=True`` under its allow-list first, the restricted
+unpickler only for objects the allow-list cannot express (no code from the file runs).
 
 Key rules, official -> ours (``noah.models.Classifier``):
 1. ``module.`` is stripped;
@@ -28,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.checkpoint import extract_state_dict, load_foreign, load_state_dict_verbose, read_checkpoint, save_converted
+from common.checkpoint import extract_state_dict, load_state_dict_verbose, read_checkpoint, save_converted
+from common.checkpoint import load_official_checkpoint as load_official_file
 from common.errors import UserError, cli_guard
 from noah.noah import NOAH
 
@@ -221,7 +223,7 @@ def load_official_checkpoint(model: nn.Module, path: str | os.PathLike, key: str
     one log line and the head keeps its fresh init; otherwise any mismatch is a one-line ``UserError`` that
     names the keys with the expected and found shapes.
     """
-    obj = load_foreign(path)
+    obj = load_official_file(path)  # weights_only + allow-list first; the restricted unpickler only as fallback
     sd = state_dict_of(obj, "official", model, key, source=str(path))
     return fit_state_dict(model, sd, str(path), drop_head_on_mismatch)
 

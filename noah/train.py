@@ -288,7 +288,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     method_module = (wrapper(model, trainer_cfg.label_smoothing) if method.loss == "ce"  # type: ignore[operator]
                      else wrapper(model, method.loss))  # type: ignore[operator]
     dataset = "coco" if data.name.endswith("coco") else "imagenet"
-    info = RunInfo(PAPER, cfg.name, cfg.row, dataset, synthetic=data.name.startswith("synthetic"), profile=cfg.profile)
+    info = RunInfo(PAPER, cfg.name, cfg.row, dataset, synthetic=data.name.startswith("synthetic"), profile=cfg.profile,
+                   data_root=data.root)
     trainer = Trainer(method_module, train_set, val_set, trainer_cfg, optim, schedule, out, env,
                       task=EmaPolicy(task, model, recipe.ema_evaluate), model=model, hooks=hooks,
                       logger_cfg=logger_cfg, params=param_groups(model, optim.weight_decay, optim.no_decay_1d),

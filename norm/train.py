@@ -234,7 +234,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     extra: dict[str, Any] = {}
 
     info = RunInfo("norm", cfg.name, cfg.row, "cifar100" if r.data.name == "synthetic_cifar" else r.data.name,
-                   synthetic=r.data.name == "synthetic_cifar", profile=cfg.profile)
+                   synthetic=r.data.name == "synthetic_cifar", profile=cfg.profile, data_root=r.data.root)
     if r.method.name == "ce":
         net = create_model(r.model.student, nc)
         metrics = _fit(Classifier(net), net, r, train_set, val_set, out, env, config_dict, info=info)

@@ -195,7 +195,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
         save_resolved(cfg, out)
     synthetic = r.data.name.startswith("synthetic")
     info = RunInfo(PAPER, cfg.name, cfg.row, "cifar10" if synthetic else r.data.name, synthetic=synthetic,
-                   profile=str(cfg.profile))
+                   profile=str(cfg.profile), data_root=r.data.root)
     t = r.trainer
     trainer = Trainer(method, train_set, val_set, t, r.optim, r.schedule, out, env,
                       task=ClassificationTask(num_classes=r.data.num_classes), model=method.student,

@@ -314,7 +314,8 @@ class EvaluateOnEma(Hook):
 
 def _info(cfg: DictConfig, r: RunConfig) -> RunInfo:
     return RunInfo("scalekd", str(cfg.name), cfg.get("row"), "imagenet",
-                   synthetic=r.data.name.startswith("synthetic"), profile=str(cfg.get("profile", "full")))
+                   synthetic=r.data.name.startswith("synthetic"), profile=str(cfg.get("profile", "full")),
+                   data_root=r.data.root)
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:

@@ -369,7 +369,7 @@ def run(cfg: DictConfig, out: Path | None = None, overrides: Sequence[str] | Non
     method = SkeletonRecognizer(net)
     task = MultiClipClassificationTask(c.data.num_classes, CLIP_DIMS)
     info = RunInfo(PAPER, str(cfg.name), cfg.get("row"), c.data.name, synthetic=c.data.name == "synthetic",
-                   profile=str(cfg.get("profile", "full")))
+                   profile=str(cfg.get("profile", "full")), data_root=c.data.ann_file or c.data.root)
     trainer = Trainer(method, splits["train"], splits["val"], c.trainer, c.optim, c.schedule, out, env, task=task,
                       heldout_set=splits.get("heldout"),
                       hooks=[MultiClipTest(method, splits["test"], task, env, out, c)],

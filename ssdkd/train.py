@@ -329,7 +329,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     warmup = int(r.method["warmup"])
     trainer_cfg = dataclasses.replace(r.trainer, epochs=r.trainer.epochs - warmup)
     info = RunInfo("ssdkd", cfg.name, cfg.get("row"), r.data.name, synthetic=r.data.synthetic,
-                   profile=str(cfg.get("profile", "full")))
+                   profile=str(cfg.get("profile", "full")), data_root=r.data.root)
     trainer = Trainer(distiller, StepIndex(steps, r.trainer.global_batch), val_set, trainer_cfg, r.optim, r.schedule,
                       out, env, task=task, model=student,
                       hooks=[DataFreeEpoch(distiller, env)], params=list(student.parameters()),

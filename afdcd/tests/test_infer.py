@@ -49,6 +49,22 @@ def test_infer_writes_the_eval_prediction_as_a_palette_png(tmp_path: Path, offic
     assert np.array_equal(colours, expected)
 
 
+def test_infer_reads_what_convert_writes_roundtrip(tmp_path: Path) -> None:
+    """`python -m afdcd.convert` writes what afdcd.infer reads (issue 8 item 3): the converted file predicts the
+    same label map as the official release it came from."""
+    from afdcd.convert import main as convert_main
+
+    official, _ = _checkpoint(tmp_path, official=True)
+    converted = tmp_path / "converted.pt"
+    convert_main([str(official), str(converted), "--model", "deeplabv3_resnet18", "--num-classes", "5"])
+    image = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "street.png"), image)
+    maps = [np.asarray(Image.open(main([f"checkpoint={c}", f"image={tmp_path / 'street.png'}",
+                                        f"out={tmp_path / (c.stem + '.png')}"])))
+            for c in (official, converted)]
+    assert maps[0].shape == (40, 56) and np.array_equal(maps[0], maps[1])
+
+
 @pytest.mark.parametrize("what", ["missing", "not_an_image"])
 def test_infer_bad_image_is_one_line(tmp_path: Path, what: str, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt, _ = _checkpoint(tmp_path, official=False)

@@ -114,3 +114,50 @@ def test_synthetic_writer_main_process_first_under_two_ranks(tmp_path: Path) -> 
     names = {p.name for p in (root / "cifar-10-batches-py").iterdir()}
     assert {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"} <= names
     assert not any(n.endswith(".tmp") for n in names)
+
+
+def _stop_on_one_rank(rank: int, world: int, init: str, out: str) -> None:
+    """Rank 1 alone receives SIGTERM after step 2; the loop must stop every rank at that same step."""
+    import datetime
+    import signal
+
+    import torch.distributed as dist
+
+    from common.dist import DistEnv
+    from common.engine import Hook
+
+    sys.path.insert(0, str(HERE))
+    from ddp_worker import make_data, make_net
+
+    class TermRankOne(Hook):
+        def on_step_end(self, progress) -> None:  # type: ignore[no-untyped-def]
+            if rank == 1 and progress.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    env = DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    method = Classifier(make_net())
+    cfg = TrainerConfig(epochs=3, global_batch=16, workers=0, log_every=100, seed=0, device="cpu")
+    trainer = Trainer(method, make_data(), None, cfg, OptimConfig(name="sgd", lr=0.1, weight_decay=0.0),
+                      ScheduleConfig(name="constant"), Path(out) / "run", env, task=ClassificationTask(),
+                      model=method.model, hooks=[TermRankOne()])
+    code = None
+    try:
+        trainer.fit()
+    except SystemExit as err:
+        code = err.code
+    Path(out, f"rank{rank}").write_text(f"{code} {trainer.global_step}")
+    dist.destroy_process_group()
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """The stop decision is agreed across ranks (issue 8 item 1): SIGTERM seen by rank 1 only -> both ranks
+    save at step 2 and exit 143; a per-rank flag would let rank 0 train on alone (and hang in DDP's all-reduce)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    init = f"file://{tmp_path / 'pg'}"
+    torch.multiprocessing.spawn(_stop_on_one_rank, args=(2, init, str(out)), nprocs=2, join=True)
+    assert [Path(out, f"rank{r}").read_text() for r in (0, 1)] == ["143 2", "143 2"]
+    saved = torch.load(out / "run" / "last.pt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2

@@ -237,6 +237,25 @@ def test_loop_writes_the_result_record(tmp_path: Path) -> None:
     assert record["complete"] is False and record["seed"] == 3 and record["metrics"]["steps"] == 2
 
 
+def test_loop_record_sees_synthetic_data_in_a_real_layout_report(tmp_path: Path) -> None:
+    """A full-profile run named like a real set but reading our synthetic writer's folder is `synthetic`, so the
+    report never counts it as a reproduction (issue 8 item 2)."""
+    import json
+
+    from common.data import write_synthetic_cifar
+    from common.engine import RunInfo
+
+    root = tmp_path / "cifar"
+    write_synthetic_cifar(root, num_classes=10, train_per_class=1, test_per_class=1)
+    for name, data_root, want in (("fake", root, "synthetic"), ("real", tmp_path / "elsewhere", "real")):
+        t = _trainer(tmp_path / name, max_steps=1)
+        t.run_info = RunInfo("common", "blobs", None, "cifar10", synthetic=False, profile="full",
+                             data_root=str(data_root))
+        t.fit()
+        record = json.loads((tmp_path / name / "result.json").read_text())
+        assert (record["dataset"], record["data"], record["profile"]) == ("cifar10", want, "full")
+
+
 class Lines(Dataset):
     """y = 2 x + 1 with a little noise: a regression the loop should fit."""
 

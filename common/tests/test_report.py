@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from common.errors import UserError
-from common.report import gather, main, paper_report, status, write_result
+from common.report import gather, main, paper_report, status
 from common.results import ResultRecord, data_kind, evaluation_record, read_record, write_record
 
 PAPER_YAML = """
@@ -86,7 +86,8 @@ def test_report_puts_each_kind_of_record_in_its_place(tmp_path: Path) -> None:
         _write(outputs, run, record)
     old = outputs / "norm" / "resnet_a" / "old" / "result.json"
     old.parent.mkdir(parents=True)
-    write_result(old.parent, "norm", "resnet_a", "resnet_a", "full", {"top1": 99.0})  # no provenance
+    old.write_text('{"paper": "norm", "experiment": "resnet_a", "row": "resnet_a", "profile": "full", '
+                   '"metrics": {"top1": 99.0}, "seed": null}')  # the old format: no provenance
     torn = outputs / "norm" / "resnet_a" / "torn" / "result.json"
     torn.parent.mkdir(parents=True)
     torn.write_text('{"paper": "norm", "metr')

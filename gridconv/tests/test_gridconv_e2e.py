@@ -84,6 +84,21 @@ def test_eval_reproduces_training_result_and_infer_writes_outputs(runs: dict[str
     assert (tmp / "lifted" / "skeleton.png").stat().st_size > 1000
 
 
+def test_full_profile_on_synthetic_data_under_the_real_name_is_not_reported(runs: dict[str, Path]) -> None:
+    """data=h36m profile=full pointed at the synthetic writer's folder: the record says synthetic, so the report
+    never counts the run as reproduced (issue 8 item 2)."""
+    from common.results import read_record
+
+    out = runs["tmp"] / "renamed"
+    args = [a for a in TINY if a != "profile=smoke"]
+    proc = cli("gridconv.train", *args, "experiment=hrnet_dgridconv_learnable", "data=h36m", "data.input=hrnet",
+               f"data.root={runs['tmp'] / 'data'}", f"output_dir={runs['tmp']}", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = read_record(out / "result.json")
+    assert (record.dataset, record.profile, record.complete) == ("human36m", "full", True)
+    assert record.data == "synthetic" and not record.counts_as_reproduction
+
+
 def test_bad_config_is_one_line(tmp_path: Path) -> None:
     res = cli("gridconv.train", *TINY, "model.sgt=fancy", f"output_dir={tmp_path}",
               f"hydra.run.dir={tmp_path}")

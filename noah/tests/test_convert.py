@@ -51,6 +51,27 @@ def test_every_official_container_loads(tmp_path: Path, head: str) -> None:
             assert torch.equal(dst.state_dict()[k], v), (what, k)
 
 
+def test_official_file_of_plain_tensors_never_reaches_the_restricted_unpickler(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Official files: weights_only=True under the allow-list first, the restricted unpickler only as the
+    fallback for objects the allow-list cannot express (issue 8 item 3)."""
+    import common.checkpoint
+    import noah.convert
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("restricted unpickler used for a file weights_only=True reads")
+
+    monkeypatch.setattr(common.checkpoint, "load_foreign", refuse)
+    monkeypatch.setattr(noah.convert, "load_foreign", refuse, raising=False)
+    torch.manual_seed(0)
+    src = create_model("shufflenetv2_050", num_classes=10)
+    path = tmp_path / "release.pth"
+    torch.save(containers(official_state_dict(src))["CNN main.py checkpoint"], path)
+    dst = create_model("shufflenetv2_050", num_classes=10)
+    assert load_official_checkpoint(dst, path) == ([], [])
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
 def test_our_own_state_dict_passes_through() -> None:
     model = create_model("shufflenetv2_050", num_classes=4)
     sd = {"module." + k: v for k, v in model.state_dict().items()}
