@@ -50,7 +50,7 @@ from common.config import LoggerConfig, OptimConfig, ScheduleConfig, Selection, 
 from common.dist import DistEnv, ResumableSampler, all_reduce_mean, batch_plan, scale_lr
 from common.errors import UserError
 from common.logging import RunLogger, progress
-from common.results import ResultRecord, data_kind, write_record
+from common.results import ResultRecord, command_line_overrides, data_kind, recipe_overrides, write_record
 from common.tasks import EvalContext, Losses, Task, autocast, to_device
 
 __all__ = ["EpochSeeded", "Hook", "Progress", "RunInfo", "Trainer", "autocast", "build_optimizer",
@@ -711,6 +711,11 @@ class Trainer:
             out.update({f"best_{k}": v for k, v in self.best.items() if k in out})
         out["steps"] = float(self.global_step)
         extra: dict[str, Any] = dict(self.record_extra)
+        overrides = command_line_overrides()
+        if overrides:
+            extra["overrides"] = overrides
+            if recipe_overrides(overrides):  # not the experiment's recipe: never counted as a reproduction
+                extra["recipe_overrides"] = recipe_overrides(overrides)
         if self.best_epoch is not None:
             extra["best_epoch"] = self.best_epoch
         for hook in self.hooks:

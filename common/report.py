@@ -2,12 +2,13 @@
 
 Reads `<paper>/paper.yaml` (the paper's table rows) and every `result.json` under the outputs
 directory (`common.results.ResultRecord`). Prints, per paper: row | metric | paper | ours | delta | status |
-official weights, our eval. Only complete training runs of ours on real data with the full profile fill
+selected by (which weights "ours" scored: last epoch, best on held-out, best on test) | official weights,
+our eval. Only complete training runs of ours on real data with the full profile and no recipe override fill
 "ours" and the status: `reproduced` (within the row's tolerance of the paper's value, or better), `below`,
 `not run`, or `unknown` (the paper's value is not known). An official checkpoint evaluated here on real
-data fills its own column. Smoke, synthetic, cut-short runs and evaluations of our own checkpoints are
-listed apart; files that are not records (old format, unreadable) are skipped with a note. A number is
-shown only if it was read from a file.
+data fills its own column. Smoke, synthetic and cut-short runs, runs whose budget, optimizer or schedule was
+overridden on the command line, and evaluations of our own checkpoints are listed apart; files that are not
+records (old format, unreadable) are skipped with a note. A number is shown only if it was read from a file.
 
     python -m common.report [paper ...] [--outputs outputs]
 """
@@ -109,6 +110,8 @@ def _why_apart(r: ResultRecord) -> str:
         return "smoke profile"
     if r.kind == "trained" and not r.complete:
         return "cut short"
+    if r.kind == "trained" and r.extra.get("recipe_overrides"):
+        return "recipe overridden: " + " ".join(map(str, r.extra["recipe_overrides"]))
     if r.kind == "trained" and r.checkpoint != "ours":
         return "trained from official weights"
     if r.kind == "evaluated":
@@ -138,6 +141,9 @@ def gather(outputs: str | os.PathLike, paper: str) -> Gathered:
         else:
             out.apart.append((path, record))
     return out
+
+
+_SELECTED_BY = {"last": "last epoch", "best_heldout": "best on held-out", "best_test": "best on test"}
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -182,8 +188,8 @@ def paper_report(paper: str, outputs: str | os.PathLike = "outputs",
     table = load_paper_yaml(paper, root)
     found = gather(outputs, paper)
     lines = [f"## {table.title}", "",
-             "| row | metric | paper | ours | Δ | status | official weights, our eval |",
-             "|---|---|---|---|---|---|---|"]
+             "| row | metric | paper | ours | Δ | status | selected by | official weights, our eval |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in table.rows:
         for metric, paper_value in row.metrics.items():
             mean, shown = _cell(found.ours.get(row.id, []), metric)
@@ -193,7 +199,12 @@ def paper_report(paper: str, outputs: str | os.PathLike = "outputs",
             st = status(paper_value, mean, row.better_high(metric), row.tolerance.get(metric, 0.0))
             _, official = _cell(found.official.get(row.id, []), metric)
             shown_paper = "unknown" if paper_value is None else _fmt(paper_value)  # the spec could not find it
-            lines.append(f"| {row.id} | {metric} | {shown_paper} | {shown} | {delta} | {st} | {official} |")
+            rules = sorted({_SELECTED_BY[r.selection] for r in found.ours.get(row.id, []) if metric in r.metrics})
+            if metric.endswith("_gain") and row.extra.get("gain_over"):
+                rules = sorted({_SELECTED_BY[r.selection] for rid in (row.id, str(row.extra["gain_over"]))
+                                for r in found.ours.get(rid, [])})
+            selected = ", ".join(rules) if mean is not None else "—"
+            lines.append(f"| {row.id} | {metric} | {shown_paper} | {shown} | {delta} | {st} | {selected} | {official} |")
     known = {row.id for row in table.rows}
     for label, group in (("ours", found.ours), ("official weights, our eval", found.official)):
         for row_id in sorted(set(group) - known):
@@ -201,7 +212,7 @@ def paper_report(paper: str, outputs: str | os.PathLike = "outputs",
                          "paper.yaml")
     if found.apart:
         lines += ["", "Smoke runs and other runs not compared with the paper (smoke profile, synthetic data, cut "
-                  "short, or an evaluation of our own checkpoint):", "",
+                  "short, recipe overridden, or an evaluation of our own checkpoint):", "",
                   "| experiment | kind | data | profile | why apart | metrics | run |", "|---|---|---|---|---|---|---|"]
         for path, r in found.apart:
             shown = ", ".join(f"{k}={v:.3f}" for k, v in r.metrics.items())

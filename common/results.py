@@ -7,12 +7,17 @@ reproduction from an official checkpoint evaluated here, and a smoke or syntheti
     dataset     the dataset's name ("imagenet", "cifar100", "mnist", ...)
     data        "real" | "synthetic"
     checkpoint  origin of the weights that were scored: "ours" | "official"
-    complete    the full recipe ran (False: cut short by max_steps/max_epochs overrides or a stop)
+    complete    the run reached the end of its budget (False: cut short by max_steps or a stop)
     selection   which weights the metrics belong to: "last" | "best_heldout" | "best_test"
     profile     "full" | "smoke"
     seed, checkpoint_path, git_commit, created, and `extra` (anything else a paper wants to keep)
 
-Only `kind=trained, data=real, checkpoint=ours, complete=True, profile=full` counts as ours in the report;
+A trained record also keeps the command line's Hydra overrides (`extra["overrides"]`); those that change the
+recipe's budget, optimizer or schedule (`trainer.epochs`, `trainer.iterations`, `trainer.global_batch`, `optim.*`,
+`schedule.*`) are listed again in `extra["recipe_overrides"]`, and such a run is not the paper's recipe.
+
+Only `kind=trained, data=real, checkpoint=ours, complete=True, profile=full` without recipe overrides counts as
+ours in the report;
 `kind=evaluated, checkpoint=official, data=real` has its own column ("official weights, our eval");
 everything else is listed apart. An evaluation record (`evaluation_record`) says `complete=True` (the whole
 evaluation split was scored) and `selection="last"` (the given weights, as they are).
@@ -24,12 +29,14 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 KINDS = ("trained", "evaluated")
+RECIPE_KEYS = ("trainer.epochs", "trainer.iterations", "trainer.global_batch")  # and every optim.* / schedule.* key
+RECIPE_PREFIXES = ("optim.", "schedule.")
 DATA = ("real", "synthetic")
 ORIGINS = ("ours", "official")
 SELECTIONS = ("last", "best_heldout", "best_test")
@@ -85,9 +92,9 @@ class ResultRecord:
 
     @property
     def counts_as_reproduction(self) -> bool:
-        """A complete training run of ours, on real data, with the full recipe."""
+        """A complete training run of ours, on real data, with the full recipe (no recipe overrides)."""
         return (self.kind == "trained" and self.data == "real" and self.checkpoint == "ours"
-                and self.complete and self.profile == "full")
+                and self.complete and self.profile == "full" and not self.extra.get("recipe_overrides"))
 
     @property
     def is_official_eval(self) -> bool:
@@ -105,6 +112,26 @@ class ResultRecord:
         if missing:
             raise ValueError(f"result record lacks {', '.join(missing)}")
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def recipe_overrides(overrides: Iterable[str]) -> list[str]:
+    """The overrides (`key=value`, Hydra's `+key`/`++key`/`~key` too) that change the recipe's budget, optimizer
+    or schedule: a run made with one of them is not the experiment's recipe."""
+    out = []
+    for item in overrides:
+        key = str(item).split("=", 1)[0].lstrip("+~")
+        if key in RECIPE_KEYS or key.startswith(RECIPE_PREFIXES):
+            out.append(str(item))
+    return out
+
+
+def command_line_overrides() -> list[str]:
+    """The Hydra app's command-line overrides (`[]` outside a Hydra app)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return []
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def write_record(run_dir: str | os.PathLike, record: ResultRecord, name: str = "result.json") -> Path:

@@ -44,7 +44,7 @@ def _setup(tmp_path: Path) -> tuple[Path, Path]:
     (root / "norm" / "paper.yaml").write_text(PAPER_YAML)
     for i, v in enumerate((69.9, 70.1)):  # two seeds of row a
         _write(outputs, f"run{i}", _record("resnet_a", {"top1": v}, seed=i))
-    _write(outputs, "run", _record("resnet_b", {"top1": 74.0, "mpjpe": 39.5}))
+    _write(outputs, "run", _record("resnet_b", {"top1": 74.0, "mpjpe": 39.5}, selection="best_heldout"))
     return root, outputs
 
 
@@ -60,10 +60,10 @@ def test_report_table_of_reproductions(tmp_path: Path) -> None:
     root, outputs = _setup(tmp_path)
     lines = paper_report("norm", outputs, root).splitlines()
     assert lines[0] == "## Toy Paper (2099)"
-    assert "| resnet_a | top1 | 70.00 | 70.00 ± 0.14 (n=2) | 0.00 | reproduced | — |" in lines
-    assert "| resnet_b | top1 | 75.00 | 74.00 | -1.00 | below | — |" in lines
-    assert "| resnet_b | mpjpe | 40.00 | 39.50 | -0.50 | reproduced | — |" in lines
-    assert "| unknown_row | top1 | unknown | — | — | not run | — |" in lines
+    assert "| resnet_a | top1 | 70.00 | 70.00 ± 0.14 (n=2) | 0.00 | reproduced | last epoch | — |" in lines
+    assert "| resnet_b | top1 | 75.00 | 74.00 | -1.00 | below | best on held-out | — |" in lines
+    assert "| resnet_b | mpjpe | 40.00 | 39.50 | -0.50 | reproduced | best on held-out | — |" in lines
+    assert "| unknown_row | top1 | unknown | — | — | not run | — | — |" in lines
 
 
 def test_report_puts_each_kind_of_record_in_its_place(tmp_path: Path) -> None:
@@ -77,6 +77,8 @@ def test_report_puts_each_kind_of_record_in_its_place(tmp_path: Path) -> None:
         "smoke": _record("resnet_a", {"top1": 12.5}, dataset="synthetic_cifar", data="synthetic",
                          profile="smoke"),
         "cut_short": _record("resnet_a", {"top1": 80.5}, complete=False),
+        "recipe_overridden": _record("resnet_a", {"top1": 70.5}, extra={"overrides": ["trainer.epochs=5"],
+                                                                        "recipe_overrides": ["trainer.epochs=5"]}),
         "our_eval": evaluation_record("norm", "resnet_a", "resnet_a", {"top1": 82.5}, "cifar100", "ours",
                                       "full", "best.pt"),
         "official_eval_synthetic": evaluation_record("norm", "resnet_a", "resnet_a", {"top1": 33.5},
@@ -96,19 +98,20 @@ def test_report_puts_each_kind_of_record_in_its_place(tmp_path: Path) -> None:
     assert not found.ours  # none of these is a reproduction
     assert [r.metrics["top1"] for r in found.official["resnet_a"]] == [71.25]
     assert sorted(p.parent.name for p, _ in found.apart) == sorted(
-        ["synthetic_full", "smoke", "cut_short", "our_eval", "official_eval_synthetic"])
+        ["synthetic_full", "smoke", "cut_short", "recipe_overridden", "our_eval", "official_eval_synthetic"])
     assert sorted(p.parent.name for p, _ in found.skipped) == ["old", "torn"]
 
     text = paper_report("norm", outputs, root)
     lines = text.splitlines()
     # the official weights have their own column; the row stays "not run" for us
-    assert "| resnet_a | top1 | 70.00 | — | — | not run | 71.25 |" in lines
+    assert "| resnet_a | top1 | 70.00 | — | — | not run | — | 71.25 |" in lines
     assert "reproduced" not in text and "below" not in text
     apart = {line.split("|")[-2].strip(): line for line in lines if line.startswith("| resnet_a | ")
              and line.count("|") == 8}
     assert "synthetic data" in apart["synthetic_full"] and "91.500" in apart["synthetic_full"]
     assert "smoke" in apart["smoke"] and "cut short" in apart["cut_short"]
     assert "evaluation of our checkpoint" in apart["our_eval"]
+    assert "recipe overridden: trainer.epochs=5" in apart["recipe_overridden"]
     assert any("old/result.json: result record lacks" in line for line in lines)
     assert any("torn/result.json: not a readable result record" in line for line in lines)
     assert "99.0" not in text  # the old-format number is never shown
@@ -124,7 +127,7 @@ def test_report_never_counts_official_eval_or_synthetic_full_run_as_reproduced(t
     _write(outputs, "synthetic", _record("resnet_a", {"top1": 75.0}, dataset="synthetic_cifar",
                                          data="synthetic"))
     text = paper_report("norm", outputs, root)
-    assert "| resnet_a | top1 | 70.00 | — | — | not run | 75.00 |" in text.splitlines()
+    assert "| resnet_a | top1 | 70.00 | — | — | not run | — | 75.00 |" in text.splitlines()
     assert "reproduced" not in text
     # and the record itself says so
     for path in (outputs / "norm" / "resnet_a").rglob("result.json"):
@@ -175,3 +178,13 @@ def test_report_gain_rows_are_differences_of_our_runs(tmp_path: Path) -> None:
     _write(outputs, "r1", _record("method", {"mAP": 83.5}))
     text = paper_report("norm", outputs, root)
     assert "| method | mAP_gain | 3.60 | 3.50 | -0.10 |" in text
+
+
+def test_recipe_overrides_are_the_budget_batch_optimizer_and_schedule_keys() -> None:
+    from common.results import recipe_overrides
+
+    given = ["experiment=row", "data.root=/d", "trainer.epochs=5", "+trainer.iterations=9", "trainer.seed=1",
+             "trainer.global_batch=8", "optim.lr=0.1", "++schedule.warmup_epochs=0", "trainer.workers=2",
+             "model.teacher_checkpoint=/t.pth", "optimizer_note=x"]
+    assert recipe_overrides(given) == ["trainer.epochs=5", "+trainer.iterations=9", "trainer.global_batch=8",
+                                       "optim.lr=0.1", "++schedule.warmup_epochs=0"]

@@ -59,8 +59,11 @@ def test_train_stop_resume_equals_uninterrupted(runs: dict[str, Path]) -> None:
     assert result["kind"] == "trained" and result["data"] == "synthetic" and result["complete"]
     assert not result["extra"]["test_selected"] and len(result["extra"]["per_action_mpjpe"]) == 15
     whole = json.loads((runs["whole"] / "result.json").read_text())
-    for key in ("metrics", "extra", "selection", "complete", "seed"):
+    for key in ("metrics", "selection", "complete", "seed"):
         assert result[key] == whole[key], key
+    commands = ("overrides", "recipe_overrides")  # the two runs were started with other command lines
+    assert {k: v for k, v in result["extra"].items() if k not in commands} == {
+        k: v for k, v in whole["extra"].items() if k not in commands}
     lines = (runs["parts"] / "metrics.jsonl").read_text().splitlines()
     assert any("heldout/mpjpe" in line and "temperature" in line for line in lines)
 
@@ -87,6 +90,8 @@ def test_eval_reproduces_training_result_and_infer_writes_outputs(runs: dict[str
 def test_full_profile_on_synthetic_data_under_the_real_name_is_not_reported(runs: dict[str, Path]) -> None:
     """data=h36m profile=full pointed at the synthetic writer's folder: the record says synthetic, so the report
     never counts the run as reproduced (issue 8 item 2)."""
+    from dataclasses import replace
+
     from common.results import read_record
 
     out = runs["tmp"] / "renamed"
@@ -97,6 +102,11 @@ def test_full_profile_on_synthetic_data_under_the_real_name_is_not_reported(runs
     record = read_record(out / "result.json")
     assert (record.dataset, record.profile, record.complete) == ("human36m", "full", True)
     assert record.data == "synthetic" and not record.counts_as_reproduction
+    # the command line's overrides are kept, and those of the budget and batch marked as a changed recipe
+    assert "trainer.epochs=1" in record.extra["overrides"] and "data=h36m" in record.extra["overrides"]
+    assert record.extra["recipe_overrides"] == ["trainer.epochs=1", "trainer.global_batch=50"]
+    assert not replace(record, data="real").counts_as_reproduction  # even on real data: not the paper's recipe
+    assert replace(record, data="real", extra={}).counts_as_reproduction
 
 
 def test_bad_config_is_one_line(tmp_path: Path) -> None:
