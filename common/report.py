@@ -204,7 +204,8 @@ def paper_report(paper: str, outputs: str | os.PathLike = "outputs",
                 rules = sorted({_SELECTED_BY[r.selection] for rid in (row.id, str(row.extra["gain_over"]))
                                 for r in found.ours.get(rid, [])})
             selected = ", ".join(rules) if mean is not None else "—"
-            lines.append(f"| {row.id} | {metric} | {shown_paper} | {shown} | {delta} | {st} | {selected} | {official} |")
+            cells = (row.id, metric, shown_paper, shown, delta, st, selected, official)
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
     known = {row.id for row in table.rows}
     for label, group in (("ours", found.ours), ("official weights, our eval", found.official)):
         for row_id in sorted(set(group) - known):
