@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from common.config import (
+    CLASSIFICATION_OPTIONS,
     LoggerConfig,
     OptimConfig,
     ScheduleConfig,
@@ -32,6 +33,7 @@ from common.config import (
     TrainerConfig,
     as_dict,
     hydra_main,
+    refuse_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -127,6 +129,8 @@ class LastAndBest(Hook):
 def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     """Train (or, task=eval, evaluate) one row; returns the final metrics and the run directory."""
     r = parse(cfg)
+    refuse_unused_trainer_options(r.trainer, CLASSIFICATION_OPTIONS, "Af-DCD's segmentation training does "
+                                  "not use it")
     if cfg.task == "eval":
         from .eval import run as evaluate_row
 

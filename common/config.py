@@ -182,6 +182,24 @@ class TrainerConfig:
                 raise UserError(f"config trainer.{key}={getattr(self, key)}: must not be negative")
 
 
+CLASSIFICATION_OPTIONS = ("mixup", "cutmix", "label_smoothing")  # TrainerConfig keys only classification reads
+
+
+def refuse_unused_trainer_options(trainer: Any, unused: tuple[str, ...], reason: str) -> None:
+    """A shared trainer option this paper's training never reads, set away from its default: one line naming it.
+
+    The shared `TrainerConfig` carries options of one kind of work (mixup, cutmix and label smoothing belong to
+    image classification); a paper whose training ignores one refuses it instead of recording a value that
+    changed nothing.
+    """
+    defaults = TrainerConfig()
+    for key in unused:
+        value = trainer.get(key, getattr(defaults, key)) if hasattr(trainer, "get") else getattr(trainer, key)
+        if value != getattr(defaults, key):
+            raise UserError(f"config trainer.{key}={value}: {reason}, so it would change nothing; leave it at "
+                            f"{getattr(defaults, key)}")
+
+
 @dataclass
 class LoggerConfig:
     wandb_mode: WandbMode = WandbMode.disabled

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from common.config import (
+    CLASSIFICATION_OPTIONS,
     LoggerConfig,
     OptimConfig,
     ScheduleConfig,
@@ -32,6 +33,7 @@ from common.config import (
     TrainerConfig,
     check_choice,
     hydra_main,
+    refuse_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -230,6 +232,8 @@ class ActionWiseRecord(Hook):
 def run(cfg: DictConfig, out: Path | None = None) -> dict[str, float]:
     """Train and evaluate one configuration; returns the final test metrics (also in result.json)."""
     c = validate_config(cfg)
+    refuse_unused_trainer_options(c.trainer, CLASSIFICATION_OPTIONS, "GridConv's pose regression "
+                                  "does not use it")
     env = init_distributed(c.trainer.device)
     out = out or run_dir(cfg, PAPER, cfg.name)
     splits = load_splits(c.data, c.trainer.seed)

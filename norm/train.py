@@ -32,6 +32,7 @@ from common.config import (
     as_dict,
     check_choice,
     hydra_main,
+    refuse_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -223,6 +224,9 @@ def get_teacher(run: RunConfig, profile: str, train_set: Dataset, val_set: Datas
 def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     """Train one row; returns the final metrics (also written to result.json) and the run directory."""
     r = parse(cfg)
+    if not (r.trainer.mixup or r.trainer.cutmix):  # the smoothing goes into mixup's soft targets only
+        refuse_unused_trainer_options(r.trainer, ("label_smoothing",), "NORM's CE and KD terms use hard "
+                                      "labels; label smoothing applies only with trainer.mixup / trainer.cutmix")
     env = init_distributed(r.trainer.device)
     out = run_dir(cfg, "norm", cfg.name)
     if env.is_main:

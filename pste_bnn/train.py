@@ -26,12 +26,14 @@ from omegaconf import DictConfig
 
 from common.checkpoint import atomic_save
 from common.config import (
+    CLASSIFICATION_OPTIONS,
     LoggerConfig,
     OptimConfig,
     ScheduleConfig,
     TrainerConfig,
     as_dict,
     hydra_main,
+    refuse_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -183,6 +185,7 @@ def step1_metrics(path: str) -> dict[str, float]:
 def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     """Train one step of one row; returns the final metrics (also in result.json) and the run directory."""
     r = parse(cfg)
+    refuse_unused_trainer_options(r.trainer, CLASSIFICATION_OPTIONS, "the PSTE training steps do not use it")
     env = init_distributed(r.trainer.device)
     out = run_dir(cfg, PAPER, cfg.name)
     torch.manual_seed(r.trainer.seed)  # the random sub-codebooks (snn, fixed) of the model built below

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from common.config import (
+    CLASSIFICATION_OPTIONS,
     LoggerConfig,
     OptimConfig,
     ScheduleConfig,
@@ -31,6 +32,7 @@ from common.config import (
     as_dict,
     check_choice,
     hydra_main,
+    refuse_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -321,6 +323,8 @@ def _info(cfg: DictConfig, r: RunConfig) -> RunInfo:
 def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     """Train one row; returns the final metrics (also in result.json) and the run directory."""
     r = parse(cfg)
+    refuse_unused_trainer_options(r.trainer, CLASSIFICATION_OPTIONS, "ScaleKD's losses are set under "
+                                  "method (e.g. method.class_loss.label_smoothing); the trainer's do not reach them")
     if r.model.student is None:
         raise UserError(f"experiment {cfg.name} evaluates a released teacher; run python -m scalekd.eval "
                         f"experiment={cfg.name} checkpoint=<teacher file> data.root=...")

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from common.checkpoint import load_checkpoint
 from common.config import (
+    CLASSIFICATION_OPTIONS,
     LoggerConfig,
     OptimConfig,
     ScheduleConfig,
@@ -43,6 +44,7 @@ from common.config import (
     check_choice,
     compose,
     hydra_main,
+    refuse_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -354,6 +356,8 @@ def run(cfg: DictConfig, out: Path | None = None, overrides: Sequence[str] | Non
         finalize: bool = True) -> dict[str, float]:
     """Train one row (its PLS parent first when needed) and run the multi-clip test; returns the metrics."""
     c = validate_config(cfg)
+    refuse_unused_trainer_options(c.trainer, CLASSIFICATION_OPTIONS, "Ske2Grid's training (plain CE on "
+                                  "skeleton clips) does not use it")
     overrides = list(hydra_overrides() if overrides is None else overrides)
     out = Path(out) if out is not None else run_dir(cfg, PAPER, str(cfg.name))
     net = build_model(c)  # a bad grid/cascade fails before anything is written

@@ -32,12 +32,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from common.config import (
+    CLASSIFICATION_OPTIONS,
     LoggerConfig,
     OptimConfig,
     ScheduleConfig,
     TrainerConfig,
     as_dict,
     hydra_main,
+    refuse_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -300,6 +302,8 @@ def get_teacher(r: RunConfig, train_set: Dataset, val_set: Dataset, out: Path, e
 def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     """Train one row; returns the final metrics (also in result.json) and the run directory."""
     r = parse(cfg)
+    refuse_unused_trainer_options(r.trainer, CLASSIFICATION_OPTIONS, "data-free KD trains on synthesized "
+                                  "images with the KD loss only and does not use it")
     env = init_distributed(r.trainer.device)
     out = run_dir(cfg, "ssdkd", cfg.name)
     if env.is_main:

@@ -120,3 +120,30 @@ def test_run_saves_resolved_config_and_result(tmp_path: Path) -> None:
     assert result["profile"] == "smoke" and result["metrics"]["top1"] == pytest.approx(metrics["top1"])
     save_resolved(cfg, tmp_path / "again")
     assert (tmp_path / "again" / "config.yaml").exists()
+
+
+def test_a_shared_trainer_option_a_paper_ignores_is_refused_by_name() -> None:
+    from common.config import CLASSIFICATION_OPTIONS, refuse_unused_trainer_options
+
+    refuse_unused_trainer_options(TrainerConfig(), CLASSIFICATION_OPTIONS, "unused")  # defaults pass
+    with pytest.raises(UserError, match=r"^config trainer.mixup=0.8: pose regression does not use it"):
+        refuse_unused_trainer_options(TrainerConfig(mixup=0.8), CLASSIFICATION_OPTIONS, "pose regression does "
+                                      "not use it")
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.create({"cutmix": 1.0})  # a raw DictConfig group reads the same
+    with pytest.raises(UserError, match=r"trainer.cutmix=1.0"):
+        refuse_unused_trainer_options(raw, CLASSIFICATION_OPTIONS, "unused")
+
+
+@pytest.mark.parametrize("paper", ["gridconv", "afdcd", "ske2grid", "pste_bnn", "ssdkd", "scalekd", "norm"])
+def test_papers_that_ignore_label_smoothing_refuse_it(paper: str, tmp_path: Path) -> None:
+    """The shared trainer.label_smoothing is read by classification with mixup (KW, NOAH; NORM with mixup only):
+    every other paper's train refuses it in one line, before any data is read."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", f"{paper}.train", "trainer.label_smoothing=0.1",
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: config trainer.label_smoothing=0.1: "), proc.stderr
