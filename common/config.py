@@ -117,6 +117,20 @@ class OptimConfig:
         if self.lr <= 0 or self.weight_decay < 0:
             raise UserError(f"config optim.lr={self.lr}, optim.weight_decay={self.weight_decay}: the lr must be "
                             "positive and the weight decay not negative")
+        _check_optimizer_name(self.name)
+
+
+def _check_optimizer_name(name: str) -> None:
+    """`optim.name` is any name timm's optimizer factory takes (an open set, so a str and not an Enum): checked
+    here, while composing, so that a wrong name fails before a run directory or a dataset is written."""
+    from timm.optim import get_optimizer_info, list_optimizers
+
+    try:  # timm's own parsing: "lookahead_<name>" wraps <name>
+        get_optimizer_info(str(name).lower().split("_")[-1])
+    except ValueError:
+        common = ", ".join(n for n in ("sgd", "momentum", "adam", "adamw", "lamb", "lion") if n in list_optimizers())
+        raise UserError(f"config optim.name={name!r}: not an optimizer timm knows (e.g. {common}; "
+                        "timm.optim.list_optimizers() lists all)") from None
 
 
 @dataclass

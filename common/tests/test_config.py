@@ -79,6 +79,7 @@ def test_compose_unknown_key_is_one_line() -> None:
     ("+optim.nope=1", "optim.nope"),  # an unknown key, even when added with +
     ("trainer.precise_bn_batches=-1", "trainer.precise_bn_batches"),  # a range, checked right after composing
     ("optim.lr=0", "optim.lr"),
+    ("optim.name=nonsense", "optim.name"),  # an open set (timm's optimizers), still checked while composing
 ])
 def test_shared_schemas_fail_at_compose_naming_the_key(override: str, key: str) -> None:
     """The shared structured configs (common.config, ConfigStore `osvai_base`) check every paper's groups."""
@@ -107,6 +108,22 @@ def test_entry_point_errors_and_saved_config(tmp_path: Path) -> None:
                               env=env, capture_output=True, text=True)
     assert bad_data.returncode == 2 and "Traceback" not in bad_data.stderr
     assert str(tmp_path / "none") in bad_data.stderr.strip().splitlines()[-1]
+
+
+def test_wrong_optimizer_name_fails_before_anything_is_written(tmp_path: Path) -> None:
+    """`optim.name` is a str (any timm optimizer), so the schema's types do not catch a wrong one: it must still
+    fail while composing, in one line, before Hydra makes a run directory or a dataset is built."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "common.example.train", "experiment=mnist_cnn", "data.root=/x",
+                           f"output_dir={out}", "optim.name=nonsense"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: config optim.name='nonsense'")
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    for name in ("sgd", "adamw", "lamb", "lookahead_adamw", "SGD"):  # timm's names, its lookahead prefix, any case
+        assert compose(CONFIG_DIR, [f"optim.name={name}"]).optim.name == name
 
 
 def test_run_saves_resolved_config_and_result(tmp_path: Path) -> None:
