@@ -326,8 +326,12 @@ def as_dict(obj: Any) -> dict[str, Any]:
 Task = Callable[[DictConfig], Any]
 
 
-def hydra_main(config_dir: str | os.PathLike, config_name: str = "train") -> Callable[[Task], Callable[[], Any]]:
-    """`@hydra.main` for an entry point in `config_dir`, with `UserError` shown as one line (exit 2)."""
+def hydra_main(config_dir: str | os.PathLike, config_name: str = "train",
+               check: Callable[[DictConfig], Any] | None = None) -> Callable[[Task], Callable[[], Any]]:
+    """`@hydra.main` for an entry point in `config_dir`, with `UserError` shown as one line (exit 2).
+
+    `check` (the paper's validation of its own groups, e.g. `parse`) runs on the composed config before Hydra
+    makes the run directory, so a wrong value in a paper's group also fails with nothing written."""
     import hydra
 
     def decorate(task: Task) -> Callable[[], Any]:
@@ -345,7 +349,9 @@ def hydra_main(config_dir: str | os.PathLike, config_name: str = "train") -> Cal
             if not any(a in ("-m", "--multirun") or a.startswith("--cfg") for a in argv):
                 # Hydra reports its own composition errors over several lines: compose once here first,
                 # so a wrong key or value is the usual one line (exit 2).
-                cli_guard(compose)(config_dir, [a for a in argv if not a.startswith("-")], config_name)
+                cfg = cli_guard(compose)(config_dir, [a for a in argv if not a.startswith("-")], config_name)
+                if check is not None:
+                    cli_guard(check)(cfg)
             return hydra.main(version_base=None, config_path=str(Path(config_dir).resolve()),
                               config_name=config_name)(guarded)()
 
