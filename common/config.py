@@ -117,6 +117,20 @@ class OptimConfig:
         if self.lr <= 0 or self.weight_decay < 0:
             raise UserError(f"config optim.lr={self.lr}, optim.weight_decay={self.weight_decay}: the lr must be "
                             "positive and the weight decay not negative")
+        _check_optimizer_name(self.name)
+
+
+def _check_optimizer_name(name: str) -> None:
+    """`optim.name` is any name timm's optimizer factory takes (an open set, so a str and not an Enum): checked
+    here, while composing, so that a wrong name fails before a run directory or a dataset is written."""
+    from timm.optim import get_optimizer_info, list_optimizers
+
+    try:  # timm's own parsing: "lookahead_<name>" wraps <name>
+        get_optimizer_info(str(name).lower().split("_")[-1])
+    except ValueError:
+        common = ", ".join(n for n in ("sgd", "momentum", "adam", "adamw", "lamb", "lion") if n in list_optimizers())
+        raise UserError(f"config optim.name={name!r}: not an optimizer timm knows (e.g. {common}; "
+                        "timm.optim.list_optimizers() lists all)") from None
 
 
 @dataclass
@@ -330,8 +344,12 @@ def as_dict(obj: Any) -> dict[str, Any]:
 Task = Callable[[DictConfig], Any]
 
 
-def hydra_main(config_dir: str | os.PathLike, config_name: str = "train") -> Callable[[Task], Callable[[], Any]]:
-    """`@hydra.main` for an entry point in `config_dir`, with `UserError` shown as one line (exit 2)."""
+def hydra_main(config_dir: str | os.PathLike, config_name: str = "train",
+               check: Callable[[DictConfig], Any] | None = None) -> Callable[[Task], Callable[[], Any]]:
+    """`@hydra.main` for an entry point in `config_dir`, with `UserError` shown as one line (exit 2).
+
+    `check` (the paper's validation of its own groups, e.g. `parse`) runs on the composed config before Hydra
+    makes the run directory, so a wrong value in a paper's group also fails with nothing written."""
     import hydra
 
     def decorate(task: Task) -> Callable[[], Any]:
@@ -349,7 +367,9 @@ def hydra_main(config_dir: str | os.PathLike, config_name: str = "train") -> Cal
             if not any(a in ("-m", "--multirun") or a.startswith("--cfg") for a in argv):
                 # Hydra reports its own composition errors over several lines: compose once here first,
                 # so a wrong key or value is the usual one line (exit 2).
-                cli_guard(compose)(config_dir, [a for a in argv if not a.startswith("-")], config_name)
+                cfg = cli_guard(compose)(config_dir, [a for a in argv if not a.startswith("-")], config_name)
+                if check is not None:
+                    cli_guard(check)(cfg)
             return hydra.main(version_base=None, config_path=str(Path(config_dir).resolve()),
                               config_name=config_name)(guarded)()
 

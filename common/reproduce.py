@@ -173,6 +173,25 @@ def command(plan: Plan, run: Run, directory: Path, done: Mapping[str, Path]) -> 
             f"output_dir={plan.options['output_dir']}", f"hydra.run.dir={directory}"]
 
 
+def check_runs(plan: Plan, runs: Sequence[Run]) -> None:
+    """Compose every run's config before any run starts, so that a wrong key or value (a mistyped reproduce key
+    is passed on as a Hydra override) fails here in one line, under ``dry_run=true`` too, and not in the first
+    subprocess after earlier runs trained. ``{run:<name>}`` stands for a directory made later: any path does."""
+    from common.config import compose
+
+    config_dir = REPO_ROOT / plan.paper / "configs"
+    seen: set[tuple[str, ...]] = set()
+    for run in runs:
+        overrides = tuple(_REF.sub(lambda m: f"/{m.group(1)}", o) for o in run.overrides)
+        if overrides in seen:
+            continue
+        seen.add(overrides)
+        try:
+            compose(config_dir, overrides)
+        except UserError as err:
+            raise UserError(f"{plan.paper}.reproduce: run {run.name}: {err}") from None
+
+
 def execute(plan: Plan, runs: Sequence[Run]) -> list[Finished]:
     """Run each training in a subprocess, in order; stop at the first failure with a one-line error."""
     finished: list[Finished] = []
@@ -236,6 +255,7 @@ def reproduce(paper: str, argv: Sequence[str], *, doc: str = "", extra: Mapping[
         runs = smoke_runs(plan)
     else:
         runs = plan_full(plan)
+    check_runs(plan, runs)
     finished = execute(plan, runs)
     if plan.options["dry_run"]:
         return ""

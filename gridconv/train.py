@@ -257,7 +257,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, float]:
     return metrics
 
 
-@hydra_main(CONFIG_DIR)
+@hydra_main(CONFIG_DIR, check=validate_config)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -136,6 +136,14 @@ def build_data(cfg: DataConfig, train: bool = True) -> tuple[Any, Any]:
     return train_set, val_set
 
 
+def check_groups(cfg: DictConfig) -> None:
+    """The paper's own groups typed and checked (one line naming a wrong key or value), before anything is written
+    (`hydra_main(check=...)`; the shared groups are checked while composing)."""
+    validate(cfg.model, ModelConfig, "model.")
+    validate(cfg.data, DataConfig, "data.")
+    validate(cfg.method, MethodConfig, "method.")
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate one configuration; returns the final metrics (also written to result.json)."""
     model_cfg = validate(cfg.model, ModelConfig, "model.")
@@ -173,7 +181,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra_main(CONFIG_DIR)
+@hydra_main(CONFIG_DIR, check=check_groups)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

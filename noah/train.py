@@ -256,6 +256,15 @@ def build_task(method: MethodConfig, trainer: TrainerConfig, data: DataConfig) -
 # --------------------------------------------------------------------------------------------------
 
 
+def check_groups(cfg: DictConfig) -> None:
+    """The paper's own groups typed and checked (one line naming a wrong key or value), before anything is written
+    (`hydra_main(check=...)`; the shared groups are checked while composing)."""
+    validate(cfg.model, ModelConfig, "model.")
+    validate(cfg.data, DataConfig, "data.")
+    validate(cfg.method, MethodConfig, "method.")
+    validate(cfg.recipe, RecipeConfig, "recipe.")
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate one configuration; returns the final metrics (also written to result.json)."""
     model_cfg = validate(cfg.model, ModelConfig, "model.")
@@ -300,7 +309,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra_main(CONFIG_DIR)
+@hydra_main(CONFIG_DIR, check=check_groups)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print_size_table(split_list(str(opts["size_models"])), tuple(int(t) for t in split_list(str(opts["taus"]))))
     records: list[dict[str, Any]] = []
     total = 10_000
-    for point in points:
+    for point in points if "train" in cfg.modes else []:  # modes= selects what is timed, as in every bench
         pairs = build_bench_pairs(opts["model"], int(opts["tau"]), int(opts["batch"]), int(opts["size"]),
                                   int(opts["iters"]), int(opts["hard_every"]), device, step_offset=int(point * total))
         cands = [Candidate(f"{q}@{point:g}", pairs[q].model, {"train": pairs[q]}, int(opts["batch"]))
@@ -162,15 +162,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         r = ratio(rows, "train", f"sparks@{point:g}", f"snn@{point:g}")
         print(f"Sparks / SNN training step at {point:g}: {r:.2f}x (bar: <= 1.8x)")
         records += rows
-    net = create_model(opts["model"], quantizer="sparks", tau=int(opts["tau"]))
-    layers = len(net.binary_convs())
-    parts = build_selection_parts(layers, 2 ** int(opts["tau"]), int(opts["iters"]), device=device)
-    cands = [Candidate(k, nn.Identity(), {"train": v}, 1, unit="step") for k, v in parts.items()]
-    rows = compare(cands, _only(cfg, "train"))
-    print(f"\nselection of all {layers} layers, one step (gamma 1):")
-    for r in rows:
-        print(f"  {r['name']}: {r['seconds'] * 1e3:.1f} ms")
-    records += rows
+    if "train" in cfg.modes:
+        net = create_model(opts["model"], quantizer="sparks", tau=int(opts["tau"]))
+        layers = len(net.binary_convs())
+        parts = build_selection_parts(layers, 2 ** int(opts["tau"]), int(opts["iters"]), device=device)
+        cands = [Candidate(k, nn.Identity(), {"train": v}, 1, unit="step") for k, v in parts.items()]
+        rows = compare(cands, _only(cfg, "train"))
+        print(f"\nselection of all {layers} layers, one step (gamma 1):")
+        for r in rows:
+            print(f"  {r['name']}: {r['seconds'] * 1e3:.1f} ms")
+        records += rows
     if "infer" in cfg.modes:
         pair = build_inference_pair(opts["model"], int(opts["tau"]), int(opts["batch"]), int(opts["size"]), device)
         cands = [Candidate(k, nn.Identity(), {"infer": v}, int(opts["batch"])) for k, v in pair.items()]

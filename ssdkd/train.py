@@ -345,7 +345,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     return metrics, out
 
 
-@hydra_main(CONFIG_DIR)
+@hydra_main(CONFIG_DIR, check=parse)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -10,7 +10,9 @@ import pytest
 from common.errors import UserError
 from common.reproduce import load_spec, make_plan, smoke_runs
 
-PAPERS = ("kernelwarehouse", "norm", "gridconv")
+PAPERS = ("kernelwarehouse", "norm", "gridconv")  # their full rows plan without teacher files
+ALL_PAPERS = tuple(sorted(p.parent.name for p in Path(__file__).resolve().parents[2].glob("*/reproduce.py")
+                          if (p.parent / "paper.yaml").is_file()))
 SAME_ARGS = ["seeds=0,1", "output_dir=OUT", "dry_run=true", "trainer.log_every=7"]
 
 
@@ -38,7 +40,7 @@ def test_reproduce_parses_the_same_args_for_every_paper(paper: str, tmp_path: Pa
     assert f"experiment={row}" in full[-1] or f"experiment={row}" in full[0]
 
 
-@pytest.mark.parametrize("paper", PAPERS)
+@pytest.mark.parametrize("paper", ALL_PAPERS)
 def test_reproduce_bad_args_are_one_line_errors(paper: str, capsys: pytest.CaptureFixture[str]) -> None:
     module = importlib.import_module(f"{paper}.reproduce")
     for args, message in ((["rows=no_such_row", "data.root=/d"], "unknown rows"), (["seeds=x"], "seeds must be"),
@@ -59,7 +61,7 @@ def test_reproduce_smoke_order_and_run_references() -> None:
         make_plan("kernelwarehouse", ["profile=full"])
 
 
-@pytest.mark.parametrize("paper", PAPERS)
+@pytest.mark.parametrize("paper", [p for p in ALL_PAPERS if p != "ssdkd"])  # ssdkd: ssdkd/tests/test_bench.py
 def test_bench_parses_the_same_args_for_every_paper(paper: str) -> None:
     from common.bench import BENCH_DEFAULTS
     from common.cli import parse_overrides
@@ -72,3 +74,18 @@ def test_bench_parses_the_same_args_for_every_paper(paper: str) -> None:
     with pytest.raises(SystemExit) as err:
         module.main(["no_such_key=1"])
     assert err.value.code == 2
+
+
+@pytest.mark.parametrize("paper", ALL_PAPERS)
+def test_reproduce_checks_every_run_config_before_running(paper: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Any key=value reproduce does not know is a Hydra override of every run: a typo (`seed=1`, `trainer.epochz=1`)
+    or a wrong value fails before the first run starts, in one line naming it, and a dry run says so too."""
+    module = importlib.import_module(f"{paper}.reproduce")
+    for arg, key in (("trainer.epochz=1", "trainer.epochz"), ("seed=1", "seed"), ("optim.name=nonsense", "optim.name")):
+        with pytest.raises(SystemExit) as err:
+            module.main([arg, "dry_run=true", f"output_dir={tmp_path}"])
+        captured = capsys.readouterr()
+        text = captured.err.strip()
+        assert err.value.code == 2 and len(text.splitlines()) == 1 and f"config {key}" in text, text
+        assert "=== " not in captured.out  # no run was listed as if it would start

@@ -71,3 +71,20 @@ def test_bench_cli_prints_ratios_on_a_given_teacher(tmp_path) -> None:
     assert "t_total(Fast-2) / t_total(SSD-KD) =" in text and "DeepInv-2k / SSD-KD" in text
     for name in ("ssdkd", "fast2", "deepinv2k"):
         assert f"| {name} |" in text
+
+
+@pytest.mark.parametrize("arg", ["repeats=3", "warmup=0", "modes=infer", "macs=false"])
+def test_bench_refuses_shared_keys_it_does_not_use(monkeypatch: pytest.MonkeyPatch, arg: str) -> None:
+    """`make bench-ssdkd ARGS="repeats=3"` must not be accepted and silently ignored (issue 8 item 5: a key means
+    the same for every paper's bench, or is refused by name)."""
+    import ssdkd.bench as bench
+    from common.errors import UserError
+
+    def started(*args, **kwargs):
+        raise RuntimeError("the bench started")
+
+    monkeypatch.setattr(bench, "bench_configs", started)
+    with pytest.raises(UserError, match=arg.split("=")[0] + " not used here"):
+        bench.main([arg])
+    with pytest.raises(RuntimeError, match="the bench started"):  # the keys it uses still reach the bench
+        bench.main(["device=cpu", "threads=0", "memory=false"])
