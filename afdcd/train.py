@@ -126,11 +126,18 @@ class LastAndBest(Hook):
             metrics.update({f"last_{k}": v for k, v in history[-1].items() if k != "epoch" and "/" not in k})
 
 
-def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
-    """Train (or, task=eval, evaluate) one row; returns the final metrics and the run directory."""
+def check_config(cfg: DictConfig) -> RunConfig:
+    """`parse` and the shared trainer options this paper never reads (refused by name); run before
+    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
     r = parse(cfg)
     refuse_unused_trainer_options(r.trainer, CLASSIFICATION_OPTIONS, "Af-DCD's segmentation training does "
                                   "not use it")
+    return r
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
+    """Train (or, task=eval, evaluate) one row; returns the final metrics and the run directory."""
+    r = check_config(cfg)
     if cfg.task == "eval":
         from .eval import run as evaluate_row
 
@@ -184,7 +191,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     return metrics, out
 
 
-@hydra_main(CONFIG_DIR, check=parse)
+@hydra_main(CONFIG_DIR, check=check_config)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

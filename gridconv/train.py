@@ -229,11 +229,18 @@ class ActionWiseRecord(Hook):
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
-def run(cfg: DictConfig, out: Path | None = None) -> dict[str, float]:
-    """Train and evaluate one configuration; returns the final test metrics (also in result.json)."""
+def check_config(cfg: DictConfig) -> Config:
+    """`validate_config` and the shared trainer options this paper never reads (refused by name); run before
+    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
     c = validate_config(cfg)
     refuse_unused_trainer_options(c.trainer, CLASSIFICATION_OPTIONS, "GridConv's pose regression "
                                   "does not use it")
+    return c
+
+
+def run(cfg: DictConfig, out: Path | None = None) -> dict[str, float]:
+    """Train and evaluate one configuration; returns the final test metrics (also in result.json)."""
+    c = check_config(cfg)
     env = init_distributed(c.trainer.device)
     out = out or run_dir(cfg, PAPER, cfg.name)
     splits = load_splits(c.data, c.trainer.seed)
@@ -257,7 +264,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, float]:
     return metrics
 
 
-@hydra_main(CONFIG_DIR, check=validate_config)
+@hydra_main(CONFIG_DIR, check=check_config)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

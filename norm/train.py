@@ -221,12 +221,19 @@ def get_teacher(run: RunConfig, profile: str, train_set: Dataset, val_set: Datas
     return load_teacher(teacher_dir / "best.pt", arch, nc)
 
 
-def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
-    """Train one row; returns the final metrics (also written to result.json) and the run directory."""
+def check_config(cfg: DictConfig) -> RunConfig:
+    """`parse` and the shared trainer options this paper never reads (refused by name); run before
+    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
     r = parse(cfg)
     if not (r.trainer.mixup or r.trainer.cutmix):  # the smoothing goes into mixup's soft targets only
         refuse_unused_trainer_options(r.trainer, ("label_smoothing",), "NORM's CE and KD terms use hard "
                                       "labels; label smoothing applies only with trainer.mixup / trainer.cutmix")
+    return r
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
+    """Train one row; returns the final metrics (also written to result.json) and the run directory."""
+    r = check_config(cfg)
     env = init_distributed(r.trainer.device)
     out = run_dir(cfg, "norm", cfg.name)
     if env.is_main:
@@ -269,7 +276,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     return metrics, out
 
 
-@hydra_main(CONFIG_DIR, check=parse)
+@hydra_main(CONFIG_DIR, check=check_config)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -182,10 +182,17 @@ def step1_metrics(path: str) -> dict[str, float]:
     return {k: float(v) for k, v in (state.get("metrics") or {}).items()} if isinstance(state, dict) else {}
 
 
-def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
-    """Train one step of one row; returns the final metrics (also in result.json) and the run directory."""
+def check_config(cfg: DictConfig) -> RunConfig:
+    """`parse` and the shared trainer options this paper never reads (refused by name); run before
+    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
     r = parse(cfg)
     refuse_unused_trainer_options(r.trainer, CLASSIFICATION_OPTIONS, "the PSTE training steps do not use it")
+    return r
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
+    """Train one step of one row; returns the final metrics (also in result.json) and the run directory."""
+    r = check_config(cfg)
     env = init_distributed(r.trainer.device)
     out = run_dir(cfg, PAPER, cfg.name)
     torch.manual_seed(r.trainer.seed)  # the random sub-codebooks (snn, fixed) of the model built below
@@ -217,7 +224,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     return metrics, out
 
 
-@hydra_main(CONFIG_DIR, check=parse)
+@hydra_main(CONFIG_DIR, check=check_config)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

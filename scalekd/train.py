@@ -320,11 +320,18 @@ def _info(cfg: DictConfig, r: RunConfig) -> RunInfo:
                    data_root=r.data.root)
 
 
-def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
-    """Train one row; returns the final metrics (also in result.json) and the run directory."""
+def check_config(cfg: DictConfig) -> RunConfig:
+    """`parse` and the shared trainer options this paper never reads (refused by name); run before
+    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
     r = parse(cfg)
     refuse_unused_trainer_options(r.trainer, CLASSIFICATION_OPTIONS, "ScaleKD's losses are set under "
                                   "method (e.g. method.class_loss.label_smoothing); the trainer's do not reach them")
+    return r
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
+    """Train one row; returns the final metrics (also in result.json) and the run directory."""
+    r = check_config(cfg)
     if r.model.student is None:
         raise UserError(f"experiment {cfg.name} evaluates a released teacher; run python -m scalekd.eval "
                         f"experiment={cfg.name} checkpoint=<teacher file> data.root=...")
@@ -361,7 +368,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     return metrics, out
 
 
-@hydra_main(CONFIG_DIR, check=parse)
+@hydra_main(CONFIG_DIR, check=check_config)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -352,12 +352,19 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def run(cfg: DictConfig, out: Path | None = None, overrides: Sequence[str] | None = None,
-        finalize: bool = True) -> dict[str, float]:
-    """Train one row (its PLS parent first when needed) and run the multi-clip test; returns the metrics."""
+def check_config(cfg: DictConfig) -> Config:
+    """`validate_config` and the shared trainer options this paper never reads (refused by name); run before
+    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
     c = validate_config(cfg)
     refuse_unused_trainer_options(c.trainer, CLASSIFICATION_OPTIONS, "Ske2Grid's training (plain CE on "
                                   "skeleton clips) does not use it")
+    return c
+
+
+def run(cfg: DictConfig, out: Path | None = None, overrides: Sequence[str] | None = None,
+        finalize: bool = True) -> dict[str, float]:
+    """Train one row (its PLS parent first when needed) and run the multi-clip test; returns the metrics."""
+    c = check_config(cfg)
     overrides = list(hydra_overrides() if overrides is None else overrides)
     out = Path(out) if out is not None else run_dir(cfg, PAPER, str(cfg.name))
     net = build_model(c)  # a bad grid/cascade fails before anything is written
@@ -391,7 +398,7 @@ def run(cfg: DictConfig, out: Path | None = None, overrides: Sequence[str] | Non
     return metrics
 
 
-@hydra_main(CONFIG_DIR, check=validate_config)
+@hydra_main(CONFIG_DIR, check=check_config)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -299,11 +299,18 @@ def get_teacher(r: RunConfig, train_set: Dataset, val_set: Dataset, out: Path, e
     return load_teacher(teacher_dir / "best.pt", arch, nc)
 
 
-def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
-    """Train one row; returns the final metrics (also in result.json) and the run directory."""
+def check_config(cfg: DictConfig) -> RunConfig:
+    """`parse` and the shared trainer options this paper never reads (refused by name); run before
+    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
     r = parse(cfg)
     refuse_unused_trainer_options(r.trainer, CLASSIFICATION_OPTIONS, "data-free KD trains on synthesized "
                                   "images with the KD loss only and does not use it")
+    return r
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
+    """Train one row; returns the final metrics (also in result.json) and the run directory."""
+    r = check_config(cfg)
     env = init_distributed(r.trainer.device)
     out = run_dir(cfg, "ssdkd", cfg.name)
     if env.is_main:
@@ -345,7 +352,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
     return metrics, out
 
 
-@hydra_main(CONFIG_DIR, check=parse)
+@hydra_main(CONFIG_DIR, check=check_config)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

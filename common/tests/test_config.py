@@ -187,3 +187,4 @@ def test_papers_that_ignore_label_smoothing_refuse_it(paper: str, tmp_path: Path
     assert proc.returncode == 2, proc.stderr[-1500:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: config trainer.label_smoothing=0.1: "), proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before Hydra makes the run directory
