@@ -33,7 +33,7 @@ from common.config import (
     TrainerConfig,
     as_dict,
     hydra_main,
-    refuse_unused_trainer_options,
+    refusing_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -126,13 +126,11 @@ class LastAndBest(Hook):
             metrics.update({f"last_{k}": v for k, v in history[-1].items() if k != "epoch" and "/" not in k})
 
 
-def check_config(cfg: DictConfig) -> RunConfig:
-    """`parse` and the shared trainer options this paper never reads (refused by name); run before
-    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
-    r = parse(cfg)
-    refuse_unused_trainer_options(r.trainer, CLASSIFICATION_OPTIONS, "Af-DCD's segmentation training does "
-                                  "not use it")
-    return r
+# the paper's validation, then the shared trainer options this paper never reads (refused by name);
+# `hydra_main(check=...)` runs it before Hydra makes the run directory, and `run` again
+check_config = refusing_unused_trainer_options(
+    parse, CLASSIFICATION_OPTIONS,
+    "Af-DCD's segmentation training does not use it")
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:

@@ -214,6 +214,19 @@ def refuse_unused_trainer_options(trainer: Any, unused: tuple[str, ...], reason:
                             f"{getattr(defaults, key)}")
 
 
+def refusing_unused_trainer_options(check: Callable[[Any], T], unused: tuple[str, ...],
+                                    reason: str) -> Callable[[Any], T]:
+    """`check` (a paper's config validation, returning an object with `.trainer`) followed by
+    `refuse_unused_trainer_options` on that trainer group: a paper's `hydra_main(check=...)` and its `run`."""
+    @functools.wraps(check)
+    def checked(cfg: Any) -> T:
+        run = check(cfg)
+        refuse_unused_trainer_options(run.trainer, unused, reason)  # type: ignore[attr-defined]
+        return run
+
+    return checked
+
+
 @dataclass
 class LoggerConfig:
     wandb_mode: WandbMode = WandbMode.disabled

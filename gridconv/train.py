@@ -33,7 +33,7 @@ from common.config import (
     TrainerConfig,
     check_choice,
     hydra_main,
-    refuse_unused_trainer_options,
+    refusing_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -229,13 +229,11 @@ class ActionWiseRecord(Hook):
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
-def check_config(cfg: DictConfig) -> Config:
-    """`validate_config` and the shared trainer options this paper never reads (refused by name); run before
-    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
-    c = validate_config(cfg)
-    refuse_unused_trainer_options(c.trainer, CLASSIFICATION_OPTIONS, "GridConv's pose regression "
-                                  "does not use it")
-    return c
+# the paper's validation, then the shared trainer options this paper never reads (refused by name);
+# `hydra_main(check=...)` runs it before Hydra makes the run directory, and `run` again
+check_config = refusing_unused_trainer_options(
+    validate_config, CLASSIFICATION_OPTIONS,
+    "GridConv's pose regression does not use it")
 
 
 def run(cfg: DictConfig, out: Path | None = None) -> dict[str, float]:

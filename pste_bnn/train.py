@@ -33,7 +33,7 @@ from common.config import (
     TrainerConfig,
     as_dict,
     hydra_main,
-    refuse_unused_trainer_options,
+    refusing_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -182,12 +182,11 @@ def step1_metrics(path: str) -> dict[str, float]:
     return {k: float(v) for k, v in (state.get("metrics") or {}).items()} if isinstance(state, dict) else {}
 
 
-def check_config(cfg: DictConfig) -> RunConfig:
-    """`parse` and the shared trainer options this paper never reads (refused by name); run before
-    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
-    r = parse(cfg)
-    refuse_unused_trainer_options(r.trainer, CLASSIFICATION_OPTIONS, "the PSTE training steps do not use it")
-    return r
+# the paper's validation, then the shared trainer options this paper never reads (refused by name);
+# `hydra_main(check=...)` runs it before Hydra makes the run directory, and `run` again
+check_config = refusing_unused_trainer_options(
+    parse, CLASSIFICATION_OPTIONS,
+    "the PSTE training steps do not use it")
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:

@@ -32,7 +32,7 @@ from common.config import (
     as_dict,
     check_choice,
     hydra_main,
-    refuse_unused_trainer_options,
+    refusing_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -320,13 +320,12 @@ def _info(cfg: DictConfig, r: RunConfig) -> RunInfo:
                    data_root=r.data.root)
 
 
-def check_config(cfg: DictConfig) -> RunConfig:
-    """`parse` and the shared trainer options this paper never reads (refused by name); run before
-    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
-    r = parse(cfg)
-    refuse_unused_trainer_options(r.trainer, CLASSIFICATION_OPTIONS, "ScaleKD's losses are set under "
-                                  "method (e.g. method.class_loss.label_smoothing); the trainer's do not reach them")
-    return r
+# the paper's validation, then the shared trainer options this paper never reads (refused by name);
+# `hydra_main(check=...)` runs it before Hydra makes the run directory, and `run` again
+check_config = refusing_unused_trainer_options(
+    parse, CLASSIFICATION_OPTIONS,
+    "ScaleKD's losses are set under method (e.g. method.class_loss.label_smoothing); "
+    "the trainer's do not reach them")
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:

@@ -44,7 +44,7 @@ from common.config import (
     check_choice,
     compose,
     hydra_main,
-    refuse_unused_trainer_options,
+    refusing_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -352,13 +352,11 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def check_config(cfg: DictConfig) -> Config:
-    """`validate_config` and the shared trainer options this paper never reads (refused by name); run before
-    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
-    c = validate_config(cfg)
-    refuse_unused_trainer_options(c.trainer, CLASSIFICATION_OPTIONS, "Ske2Grid's training (plain CE on "
-                                  "skeleton clips) does not use it")
-    return c
+# the paper's validation, then the shared trainer options this paper never reads (refused by name);
+# `hydra_main(check=...)` runs it before Hydra makes the run directory, and `run` again
+check_config = refusing_unused_trainer_options(
+    validate_config, CLASSIFICATION_OPTIONS,
+    "Ske2Grid's training (plain CE on skeleton clips) does not use it")
 
 
 def run(cfg: DictConfig, out: Path | None = None, overrides: Sequence[str] | None = None,

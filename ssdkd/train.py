@@ -39,7 +39,7 @@ from common.config import (
     TrainerConfig,
     as_dict,
     hydra_main,
-    refuse_unused_trainer_options,
+    refusing_unused_trainer_options,
     run_dir,
     save_resolved,
     validate_groups,
@@ -299,13 +299,11 @@ def get_teacher(r: RunConfig, train_set: Dataset, val_set: Dataset, out: Path, e
     return load_teacher(teacher_dir / "best.pt", arch, nc)
 
 
-def check_config(cfg: DictConfig) -> RunConfig:
-    """`parse` and the shared trainer options this paper never reads (refused by name); run before
-    Hydra makes the run directory (`hydra_main(check=...)`) and again by `run`."""
-    r = parse(cfg)
-    refuse_unused_trainer_options(r.trainer, CLASSIFICATION_OPTIONS, "data-free KD trains on synthesized "
-                                  "images with the KD loss only and does not use it")
-    return r
+# the paper's validation, then the shared trainer options this paper never reads (refused by name);
+# `hydra_main(check=...)` runs it before Hydra makes the run directory, and `run` again
+check_config = refusing_unused_trainer_options(
+    parse, CLASSIFICATION_OPTIONS,
+    "data-free KD trains on synthesized images with the KD loss only and does not use it")
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, float], Path]:
