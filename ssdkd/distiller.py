@@ -324,6 +324,10 @@ class HarnessDistiller(DataFreeDistiller):
         with e.timer.stage("inv"):
             for _ in range(rounds):
                 e.synthesis_round()
+        # synthesis backpropagates its adversarial / JS + student-BN term through the student: those gradients
+        # are not the KD step's (Fast's release and `kd_train_step` zero them before the KD backward; the Trainer
+        # zeroes only after its steps, so without this the epoch's first KD step added them)
+        self.student.zero_grad(set_to_none=True)
         self.synthesized_epoch = epoch
 
     def kd_step(self, batch_size: int) -> dict[str, Tensor]:

@@ -3,13 +3,12 @@
 from the same teacher, student initialisation and seed, and the students, KD steps, samples synthesised and the
 learning rate of every student step are compared.
 
-They agree except for ONE difference, pinned here: synthesis backpropagates its adversarial (Fast, SSD-KD) or
-JS + student-BN (DeepInversion) term through the student, which leaves gradients on the student's parameters.
-`kd_train_step` zeroes the gradients before its backward (as Fast's `datafree_kd.py::train` does), so the bench
-path discards them; the Trainer zeroes only after each step, so in `ssdkd.train` the first KD step of every
-epoch adds the epoch's synthesis gradients to its KD gradient. `test_..._up_to_the_synthesis_gradients` clears
-them after `synthesize_epoch` and asserts everything else is equal; `test_..._as_shipped` (strict xfail) is the
-open divergence and turns into a failure once `ssdkd.train` discards them too."""
+They are the same maths. One difference was found this way and fixed: synthesis backpropagates its adversarial
+(Fast, SSD-KD) or JS + student-BN (DeepInversion) term through the student, which leaves gradients on the
+student's parameters. `kd_train_step` zeroes the gradients before its backward (as Fast's `datafree_kd.py::train`
+does); the Trainer zeroes only after each step, so `ssdkd.train`'s first KD step of every epoch added the epoch's
+synthesis gradients to its KD gradient, until `HarnessDistiller.synthesize_epoch` discarded them. Rows in `LEAKS`
+fail this test without that line."""
 
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ from common.config import compose
 from common.engine import seed_everything
 from ssdkd.bench import build_bench_runs
 from ssdkd.convert import load_teacher
-from ssdkd.distiller import HarnessDistiller
 from ssdkd.models import create_model
 from ssdkd.train import CONFIG_DIR, run
 
@@ -115,27 +113,5 @@ def _both_paths(tmp_path: Path, teacher_file: Path, row: str) -> None:
 
 
 @pytest.mark.parametrize("row", list(ROWS))
-def test_bench_loop_is_the_training_loop_up_to_the_synthesis_gradients(
-        tmp_path: Path, teacher_file: Path, row: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    leaked: list[float] = []
-    synthesize_epoch = HarnessDistiller.synthesize_epoch
-
-    def discard_synthesis_gradients(self: HarnessDistiller, epoch: int) -> None:
-        synthesize_epoch(self, epoch)
-        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
-        leaked.append(float(torch.stack([g.norm() for g in grads]).norm()) if grads else 0.0)
-        self.student.zero_grad(set_to_none=True)
-
-    monkeypatch.setattr(HarnessDistiller, "synthesize_epoch", discard_synthesis_gradients)
-    _both_paths(tmp_path, teacher_file, row)
-    assert len(leaked) == 2  # one synthesis per KD epoch (epoch 0's includes the warm-up round)
-    if row in LEAKS:  # the gradients this test discards are real: without it, the paths differ (below)
-        assert max(leaked) > 0
-
-
-@pytest.mark.parametrize("row", LEAKS)
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 8: ssdkd.train's first KD step of each epoch adds the synthesis gradients left on "
-                          "the student; kd_train_step (the bench, Fast's release) zeroes them first")
-def test_bench_loop_is_the_training_loop_as_shipped(tmp_path: Path, teacher_file: Path, row: str) -> None:
+def test_bench_loop_is_the_training_loop(tmp_path: Path, teacher_file: Path, row: str) -> None:
     _both_paths(tmp_path, teacher_file, row)
