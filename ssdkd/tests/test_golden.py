@@ -1,7 +1,11 @@
-"""Golden equivalence with zju-vipa/Fast-Datafree (fixture README): every `*.pt`, dispatched on config.source."""
+"""Golden equivalence with zju-vipa/Fast-Datafree (fixture README): every `*.pt`, dispatched on config.source.
+
+A meta-synthesis fixture is checked on every `call<k>_` the file records, in call order: call 1 from the recorded
+initial state, each later call resumed from the previous call's recorded state (README)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -181,6 +185,32 @@ def _synthesizer(d: dict[str, Any], cfg: Mapping[str, Any], gen_state: Mapping[s
         meta_lr=float(cfg.get("meta_lr", lr_g * g_steps)))
 
 
+CALL_KEY = re.compile(r"call(\d+)_(.+)")
+CALL_ENTRIES = {"z_init", "targets", "z_final", "best_inputs", "meta_generator_state_dict", "mmt_mean_all",
+                "mmt_var_all", "meta_adam_state"}
+CALL_OPTIONAL = {"mmt_mean_layer0", "mmt_var_layer0"}
+
+
+def recorded_calls(d: Mapping[str, Any]) -> list[int]:
+    """The synthesize() calls a meta-synthesis fixture records (`call<k>_<entry>`), in call order: 1, 2, ... with
+    no gap, each holding the README's entries (an unknown entry fails by name)."""
+    entries: dict[int, set[str]] = {}
+    for key in d:
+        m = CALL_KEY.fullmatch(key)
+        if m:
+            entries.setdefault(int(m.group(1)), set()).add(m.group(2))
+    calls = sorted(entries)
+    assert calls, "meta-synthesis fixture records no call<k>_ entries"
+    assert calls == list(range(1, len(calls) + 1)), (
+        f"recorded calls {calls}: call 1 starts from generator_state_dict_init and each later call resumes from "
+        "the previous one's recorded state, so the calls must be 1, 2, ... without a gap")
+    for k in calls:
+        missing, unknown = sorted(CALL_ENTRIES - entries[k]), sorted(entries[k] - CALL_ENTRIES - CALL_OPTIONAL)
+        assert not missing, f"call{k} lacks {missing}"
+        assert not unknown, f"call{k}: stored entries this harness does not check: {unknown}"
+    return calls
+
+
 def _check_call(syn: FastMetaSynthesizer, d: dict[str, Any], k: int, cmp, cmp_grad=None) -> None:
     out = syn.synthesize(z=d[f"call{k}_z_init"], targets=d[f"call{k}_targets"])
     assert torch.equal(out.targets, d[f"call{k}_targets"]), f"call{k} targets differ"
@@ -203,6 +233,8 @@ def _check_call(syn: FastMetaSynthesizer, d: dict[str, Any], k: int, cmp, cmp_gr
         assert len(hist[stat]) == len(ref)
         for i, (a, b) in enumerate(zip(hist[stat], ref)):
             cmp(a, b, f"call{k}_mmt_{stat}[{i}]")
+        if f"call{k}_mmt_{stat}_layer0" in d:
+            cmp(hist[stat][0], d[f"call{k}_mmt_{stat}_layer0"], f"call{k}_mmt_{stat}_layer0")
     adam = convert.adam_state_by_name(syn.meta_optimizer, syn.generator)
     for n, st in d[f"call{k}_meta_adam_state"].items():
         assert adam[n]["step"] == float(st["step"]), f"call{k} meta Adam step of {n}"
@@ -210,19 +242,24 @@ def _check_call(syn: FastMetaSynthesizer, d: dict[str, Any], k: int, cmp, cmp_gr
         cmp(adam[n]["exp_avg_sq"], st["exp_avg_sq"], f"call{k}_meta_adam.{n}.exp_avg_sq")
 
 
-def _meta_synthesis(d: dict[str, Any], cfg: Mapping[str, Any]) -> None:
-    syn = _synthesizer(d, cfg, d["generator_state_dict_init"])
-    _check_call(syn, d, 1, close)
+def _resumed(d: dict[str, Any], cfg: Mapping[str, Any], k: int) -> FastMetaSynthesizer:
+    """A synthesizer in the recorded official state after call `k` (README: never chained onto our own calls)."""
+    syn = _synthesizer(d, cfg, d[f"call{k}_meta_generator_state_dict"])
+    convert.load_adam_state_by_name(syn.meta_optimizer, syn.generator, d[f"call{k}_meta_adam_state"])
+    syn.bn_loss.load_state_dict({"mean": d[f"call{k}_mmt_mean_all"], "var": d[f"call{k}_mmt_var_all"]})
+    syn.calls = k
+    return syn
 
-    # call 2 resumed from the recorded official state (README: do not chain onto our call 1)
+
+def _meta_synthesis(d: dict[str, Any], cfg: Mapping[str, Any]) -> None:
+    calls = recorded_calls(d)
+    syn = _synthesizer(d, cfg, d["generator_state_dict_init"])
+    _check_call(syn, d, calls[0], close)
+
+    # later calls resumed from the previous call's recorded official state, relative Frobenius error (README)
     def frob(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
         err = rel_frobenius(a, b)
         assert err <= 2e-3, f"{name}: relative Frobenius error {err:.2e}"
-
-    syn2 = _synthesizer(d, cfg, d["call1_meta_generator_state_dict"])
-    convert.load_adam_state_by_name(syn2.meta_optimizer, syn2.generator, d["call1_meta_adam_state"])
-    syn2.bn_loss.load_state_dict({"mean": d["call1_mmt_mean_all"], "var": d["call1_mmt_var_all"]})
-    syn2.calls = 1
 
     # exp_avg after call 2 carries this call's raw (un-stepped) meta gradient: the most chaotic quantity. Measured
     # on this fixture: a 1e-7 relative perturbation of z_init moves it by 3.7e-2 (ours vs official: 3.8e-3).
@@ -230,7 +267,8 @@ def _meta_synthesis(d: dict[str, Any], cfg: Mapping[str, Any]) -> None:
         err = rel_frobenius(a, b)
         assert err <= 1e-2, f"{name}: relative Frobenius error {err:.2e}"
 
-    _check_call(syn2, d, 2, frob, frob_grad)
+    for k in calls[1:]:
+        _check_call(_resumed(d, cfg, k - 1), d, k, frob, frob_grad)
 
 
 CHECKS = {"bn_loss": _bn_loss, "generator": _generator, "inversion_losses": _inversion_losses,
@@ -243,3 +281,47 @@ def test_golden_fixture(path: Path) -> None:
     cfg = convert.require(d, "config")
     torch.manual_seed(0)
     CHECKS[convert.fixture_kind(cfg)](d, cfg)
+
+
+def _with_call(d: dict[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The fixture with one more call recorded: our synthesizer resumed from the last recorded official state,
+    z and targets drawn as the README's rng note says (so the new call is checked at the Frobenius tolerance)."""
+    last = recorded_calls(d)[-1]
+    k = last + 1
+    syn = _resumed(d, cfg, last)
+    torch.manual_seed(int(cfg["seed"]) * 100 + k)
+    z = torch.randn(int(cfg["synthesis_batch_size"]), int(cfg["generator"]["nz"]))
+    targets = torch.randint(0, int(cfg["num_classes"]), (z.shape[0],))
+    out = syn.synthesize(z=z.clone(), targets=targets.clone())
+    hist = syn.bn_loss.state_dict()
+    adam = convert.adam_state_by_name(syn.meta_optimizer, syn.generator)
+    return {**d, f"call{k}_z_init": z, f"call{k}_targets": targets, f"call{k}_z_final": out.latent.detach().clone(),
+            f"call{k}_best_inputs": out.images.detach().clone(),
+            f"call{k}_meta_generator_state_dict": {n: v.clone() for n, v in syn.generator.state_dict().items()},
+            f"call{k}_mmt_mean_all": [t.clone() for t in hist["mean"]],
+            f"call{k}_mmt_var_all": [t.clone() for t in hist["var"]],
+            f"call{k}_meta_adam_state": {n: {key: v.clone() if isinstance(v, torch.Tensor) else v
+                                             for key, v in st.items()} for n, st in adam.items()}}
+
+
+@pytest.mark.parametrize("path", golden_files("ssdkd"))
+def test_golden_meta_synthesis_checks_every_recorded_call(path: Path) -> None:
+    """A meta-synthesis fixture of any number of calls: with only call 1 it passes; with a third call recorded it
+    passes, and a wrong third call fails by name (the harness reads the calls the file holds, not call1/call2);
+    a gap in the numbering is refused with one line."""
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = convert.require(d, "config")
+    if convert.fixture_kind(cfg) != "meta_synthesis":
+        pytest.skip("synthesize() calls are recorded by the meta-synthesis kind (README)")
+    calls = recorded_calls(d)
+    torch.manual_seed(0)
+    _meta_synthesis({k: v for k, v in d.items() if not re.match(r"call(?!1_)\d+_", k)}, cfg)
+    more = _with_call(d, cfg)
+    k = calls[-1] + 1
+    _meta_synthesis(more, cfg)
+    wrong = {**more, f"call{k}_z_final": more[f"call{k}_z_final"] * 1.01}
+    with pytest.raises(AssertionError, match=f"call{k}_z_final"):
+        _meta_synthesis(wrong, cfg)
+    gap = {(re.sub(r"^call1_", "call0_", n) if n.startswith("call1_") else n): v for n, v in d.items()}
+    with pytest.raises(AssertionError, match="without a gap"):
+        _meta_synthesis(gap, cfg)
