@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -25,3 +27,14 @@ class TinyNet(nn.Module):
 def _threads():
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random resnet8 saved as Fast/CMI release their teachers (a smoke run would train one: slower)."""
+    from ssdkd.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "cifar10_resnet8.pth"
+    torch.save({"state_dict": create_model("resnet8", 10).state_dict(), "best_acc": 0.5}, path)
+    return path

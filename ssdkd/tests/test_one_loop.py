@@ -24,7 +24,6 @@ from common.config import compose
 from common.engine import seed_everything
 from ssdkd.bench import build_bench_runs
 from ssdkd.convert import load_teacher
-from ssdkd.models import create_model
 from ssdkd.train import CONFIG_DIR, run
 
 TINY = ["profile=smoke", "data.train_per_class=2", "data.test_per_class=2", "method.warmup=1", "trainer.epochs=3",
@@ -41,15 +40,6 @@ ROWS = {
     "deepinv2k": ["experiment=cifar10_wrn40_2_wrn16_1_deepinv2k", "method.synthesis.iterations=4"],
 }
 LEAKS = ("ssdkd_no_div", "fast2", "deepinv2k")  # rows whose synthesis leaves non-zero student gradients here
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random resnet8 saved as Fast/CMI release their teachers."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "cifar10_resnet8.pth"
-    torch.save({"state_dict": create_model("resnet8", 10).state_dict(), "best_acc": 0.5}, path)
-    return path
 
 
 class StudentSteps:

@@ -12,7 +12,6 @@ import torch
 from common.checkpoint import load_checkpoint
 from common.config import compose
 from common.errors import UserError
-from ssdkd.models import create_model
 from ssdkd.train import CONFIG_DIR, run
 
 TINY = ["profile=smoke", "data.train_per_class=2", "data.test_per_class=2", "method.warmup=1", "trainer.epochs=4",
@@ -20,15 +19,6 @@ TINY = ["profile=smoke", "data.train_per_class=2", "data.test_per_class=2", "met
         "trainer.log_every=1"]
 GEN = ["method.synthesis.nz=16", "method.synthesis.ngf=8"]  # Fast / SSD-KD generator sizes
 SSDKD = ["experiment=cifar10_wrn40_2_wrn16_1_ssdkd", "method.store.capacity=12", "method.store.replace_per_call=4"]
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random resnet8 saved as Fast/CMI release their teachers (the smoke run would train one: slower)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "cifar10_resnet8.pth"
-    torch.save({"state_dict": create_model("resnet8", 10).state_dict(), "best_acc": 0.5}, path)
-    return path
 
 
 def _cfg(tmp: Path, teacher: Path, *extra: str):
