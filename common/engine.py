@@ -714,8 +714,9 @@ class Trainer:
         overrides = command_line_overrides()
         if overrides:
             extra["overrides"] = overrides
-            if recipe_overrides(overrides):  # not the experiment's recipe: never counted as a reproduction
-                extra["recipe_overrides"] = recipe_overrides(overrides)
+            changed = recipe_overrides(overrides)
+            if changed:  # not the experiment's recipe: never counted as a reproduction
+                extra["recipe_overrides"] = changed
         if self.best_epoch is not None:
             extra["best_epoch"] = self.best_epoch
         for hook in self.hooks:
