@@ -168,7 +168,8 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
-def _time_once(step: Step, threads: int) -> float:
+def time_once(step: Step, threads: int) -> float:
+    """Seconds of one call of ``step`` (``torch.utils.benchmark.Timer``, which synchronises CUDA)."""
     from torch.utils import benchmark
 
     timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=threads or torch.get_num_threads())
@@ -196,7 +197,7 @@ def compare(candidates: Sequence[Candidate], cfg: BenchConfig) -> list[dict[str,
         for r in range(cfg.repeats):
             for k in range(len(active)):  # rotate who goes first, so no candidate always follows the same one
                 cand = active[(r + k) % len(active)]
-                times[cand.name].append(_time_once(cand.steps[mode], cfg.threads))
+                times[cand.name].append(time_once(cand.steps[mode], cfg.threads))
         for cand in active:
             seconds = statistics.median(times[cand.name])
             m = macs[cand.name]

@@ -7,6 +7,7 @@
     python -m kernelwarehouse.bench mixed_ratio=0 tapwise_ratio=0 # impl=auto's thresholds (0: never that path)
     python -m kernelwarehouse.bench channels_last=false           # every candidate in NCHW memory instead
     KW_HEAP=off python -m kernelwarehouse.bench                   # glibc's default allocator (slower)
+    python -m kernelwarehouse.bench modes=infer layers=true       # + every KW layer in every application
 
 Every ``common.bench`` key works (``device``, ``threads``, ``repeats``, ``warmup``, ``modes``, ``memory``,
 ``macs``). Training step = forward, mean-of-logits loss, backward, SGD step; inference = eval-mode
@@ -18,12 +19,20 @@ re-registers timm names) and timed in the same rounds; the official sources neve
 All candidates run in one memory format, channels_last by default: it is the plain ResNet's faster format on
 the CPU too (its stem max-pool alone costs ~10x more in NCHW), so NCHW would handicap the baseline.
 On a GPU: bf16 autocast, TFLOP/s against the card's peak.
+
+``layers=true`` (inference) also times every KW conv layer alone on its real input from one batch, in each
+mathematically equal kernel application it is eligible for, next to the plain model's conv of the same name,
+and prints the floor these applications put on the network's inference cost: the plain network plus, per
+KW layer, the fastest application's excess over its plain conv. Layers are timed with the warehouse
+layouts of ``im2col``/``mixed`` already made (in a network forward they are made once per warehouse).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +40,18 @@ import torch
 from torch import nn
 
 from common.allocator import heap_kept
-from common.bench import BENCH_DEFAULTS, Candidate, bench_config, classification_steps, compare, describe, print_table
+from common.bench import (
+    BENCH_DEFAULTS,
+    BenchConfig,
+    Candidate,
+    amp_dtype,
+    bench_config,
+    classification_steps,
+    compare,
+    describe,
+    print_table,
+    time_once,
+)
 from common.bench import ratio as time_ratio
 from common.cli import parse_overrides, split_list
 from common.engine import to_channels_last
@@ -41,7 +61,7 @@ from kernelwarehouse.warehouse import KWConvNd, KWLayer, KWLinear
 
 DEFAULTS: dict[str, Any] = {**BENCH_DEFAULTS, "threads": 2, "models": "kw1x_resnet18", "batch": 16, "size": 160,
                             "impl": "auto", "tapwise_ratio": None, "mixed_ratio": None, "official": None,
-                            "temperature": 0.5, "channels_last": True}
+                            "temperature": 0.5, "channels_last": True, "layers": False}
 _OFFICIAL_KW_KEYS = ("reduction", "cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio", "sharing_range",
                      "nonlocal_basis_ratio")
 
@@ -126,6 +146,89 @@ def candidates_for(name: str, opts: dict[str, Any], device: torch.device) -> lis
     return out
 
 
+def eligible_applications(layer: KWConvNd) -> list[str]:
+    """The kernel applications ``layer`` can run (``KWConvNd.kernel_application`` picks one of them)."""
+    if layer.groups != 1:
+        return ["grouped"]
+    if layer.groups_spatial == 1 and layer.padding == (0,) * layer.dim:
+        return ["grouped", "pointwise"]
+    if layer.dim == 2 and layer.dilation == (1, 1):
+        return ["grouped", "tapwise", "im2col", "mixed"]
+    return ["grouped"]
+
+
+def _forced(layer: KWConvNd, how: str, x: torch.Tensor) -> Callable[[], object]:
+    def step() -> object:
+        layer.kernel_application = lambda _x: how  # type: ignore[method-assign]
+        try:
+            return layer(x)
+        finally:
+            del layer.kernel_application
+    return step
+
+
+def layer_rows(kw: nn.Module, plain: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Inference time (s, median) of every KW conv layer of ``kw`` per eligible application, beside the conv of
+    the same name in ``plain``, each on its input from one forward of ``x``, each candidate's calls back to back."""
+    inputs: dict[str, dict[str, torch.Tensor]] = {"kw": {}, "plain": {}}
+    hooks = [m.register_forward_hook(lambda m, a, o, key=key, name=name: inputs[key].__setitem__(name, a[0]))
+             for key, net in (("kw", kw), ("plain", plain)) for name, m in net.named_modules()
+             if isinstance(m, KWConvNd) or (key == "plain" and isinstance(m, nn.Conv2d))]
+    kw.eval(), plain.eval()
+    dtype = amp_dtype(x.device)
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        kw(x), plain(x)
+    for h in hooks:
+        h.remove()
+    plain_convs = dict(plain.named_modules())
+    manager = warehouse_manager(kw)
+    rows = []
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        manager._open_forward(kw, ())  # the warehouse layouts are made once, as in one network forward
+        try:
+            for name, layer in kw.named_modules():
+                if not isinstance(layer, KWConvNd) or name not in inputs["kw"]:
+                    continue
+                x_kw = inputs["kw"][name]
+                steps = {"auto": lambda layer=layer, x_kw=x_kw: layer(x_kw)}
+                steps |= {how: _forced(layer, how, x_kw) for how in eligible_applications(layer)}
+                if name in inputs["plain"]:
+                    steps["plain"] = lambda conv=plain_convs[name], x_p=inputs["plain"][name]: conv(x_p)
+                seconds = {}
+                for key, step in steps.items():  # back to back: caches warm, as for a layer inside the network
+                    for _ in range(max(cfg.warmup, 1)):
+                        step()
+                    seconds[key] = statistics.median(time_once(step, cfg.threads) for _ in range(cfg.repeats))
+                rows.append({"layer": name, "input": list(x_kw.shape[1:]), "auto": layer.kernel_application(x_kw),
+                             "seconds": seconds})
+        finally:
+            manager._close_forward(kw, (), None)
+    return rows
+
+
+def print_layer_rows(rows: list[dict[str, Any]], plain_seconds: float | None) -> None:
+    """The per-layer table (ms) and the floor the fastest applications put on the inference ratio."""
+    paths = ["grouped", "pointwise", "tapwise", "im2col", "mixed"]
+    print("\n| KW layer | input | auto picks | auto | " + " | ".join(paths) + " | plain conv | fastest |")
+    print("|" + "---|" * (len(paths) + 6))
+    auto = best = plain = 0.0
+    for row in rows:
+        sec = row["seconds"]
+        fastest = min((p for p in paths if p in sec), key=lambda p: sec[p])
+        cells = [row["layer"], "x".join(map(str, row["input"])), row["auto"], f"{1e3 * sec['auto']:.2f}"]
+        cells += [f"{1e3 * sec[p]:.2f}" if p in sec else "-" for p in paths + ["plain"]] + [fastest]
+        print("| " + " | ".join(cells) + " |")
+        auto += sec["auto"]
+        best += min(sec[fastest], sec["auto"])
+        plain += sec.get("plain", 0.0)
+    print(f"KW layers alone: auto {1e3 * auto:.1f} ms, fastest application each {1e3 * best:.1f} ms; the plain "
+          f"model's convs of the same names {1e3 * plain:.1f} ms")
+    if plain_seconds:
+        print(f"floor from these applications: with the fastest in every KW layer, inference would cost "
+              f"{1 + (best - plain) / plain_seconds:.2f}x the plain network ({1e3 * plain_seconds:.1f} ms per batch "
+              "plus each KW layer's excess over its plain conv)")
+
+
 def parse_args(argv: list[str]) -> dict[str, Any]:
     opts, _ = parse_overrides(argv, DEFAULTS, "bench", __doc__ or "")
     if opts["impl"] not in ("auto", "grouped"):
@@ -143,7 +246,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"large allocations on the heap: {'yes' if heap_kept() else 'no (KW_HEAP=off)'}")
     records: list[dict[str, Any]] = []
     for name in split_list(str(opts["models"])):
-        rows = compare(candidates_for(name, opts, cfg.device), cfg)
+        candidates = candidates_for(name, opts, cfg.device)
+        rows = compare(candidates, cfg)
         print_table(rows, baseline=baseline_of(name), title=f"\n{name} vs {baseline_of(name)}")
         if name != baseline_of(name):
             split = macs_per_image(create_model(name), int(opts["size"]))
@@ -155,6 +259,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 if opts["official"]:
                     line += f"; ours is {time_ratio(rows, mode, official, name):.2f}x the official throughput"
                 print(line)
+            if opts["layers"]:
+                models = {c.name: c for c in candidates}
+                plain_infer = [r["seconds"] for r in rows if r["mode"] == "infer" and r["name"] == plain]
+                x = torch.randn(int(opts["batch"]), 3, int(opts["size"]), int(opts["size"]), device=cfg.device)
+                if opts["channels_last"]:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                print_layer_rows(layer_rows(models[name].model, models[plain].model, x, cfg),
+                                 plain_infer[0] if plain_infer else None)
         records += rows
     return records
 

@@ -93,3 +93,27 @@ def test_bench_runs_every_candidate_in_one_memory_format(channels_last: bool) ->
         convs = [m for m in cand.model.modules() if type(m) is torch.nn.Conv2d]
         assert convs and all(m.weight.is_contiguous(memory_format=fmt) for m in convs)
         cand.steps["infer"]()
+
+
+def test_bench_layers_times_every_kw_layer_in_each_application(capsys: pytest.CaptureFixture[str]) -> None:
+    """``layers=true`` times each KW conv layer in every application it is eligible for (the one ``auto`` picks
+    among them) beside the plain conv of the same name, and prints the floor that puts on the inference ratio."""
+    from kernelwarehouse.bench import eligible_applications, main
+    from kernelwarehouse.models import create_model
+    from kernelwarehouse.warehouse import KWConvNd
+
+    main(["layers=true", "modes=infer", "batch=2", "size=32", "repeats=1", "warmup=1", "memory=false", "macs=false",
+          "threads=1"])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in out.splitlines()
+            if line.startswith("| layer")}
+    model = create_model("kw1x_resnet18")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, KWConvNd)}
+    assert set(rows) == set(layers)
+    paths = ["grouped", "pointwise", "tapwise", "im2col", "mixed"]
+    for name, cells in rows.items():
+        eligible = eligible_applications(layers[name])
+        assert cells[2] in eligible and cells[-1] in eligible
+        timed = {p for p, cell in zip(paths, cells[4:9]) if cell != "-"}
+        assert timed == set(eligible) and all(float(c) > 0 for c in cells[3:10] if c != "-")
+    assert "floor from these applications: with the fastest in every KW layer, inference would cost " in out
