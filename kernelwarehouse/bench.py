@@ -146,17 +146,6 @@ def candidates_for(name: str, opts: dict[str, Any], device: torch.device) -> lis
     return out
 
 
-def eligible_applications(layer: KWConvNd) -> list[str]:
-    """The kernel applications ``layer`` can run (``KWConvNd.kernel_application`` picks one of them)."""
-    if layer.groups != 1:
-        return ["grouped"]
-    if layer.groups_spatial == 1 and layer.padding == (0,) * layer.dim:
-        return ["grouped", "pointwise"]
-    if layer.dim == 2 and layer.dilation == (1, 1):
-        return ["grouped", "tapwise", "im2col", "mixed"]
-    return ["grouped"]
-
-
 def _forced(layer: KWConvNd, how: str, x: torch.Tensor) -> Callable[[], object]:
     def step() -> object:
         layer.kernel_application = lambda _x: how  # type: ignore[method-assign]
@@ -191,7 +180,7 @@ def layer_rows(kw: nn.Module, plain: nn.Module, x: torch.Tensor, cfg: BenchConfi
                     continue
                 x_kw = inputs["kw"][name]
                 steps = {"auto": lambda layer=layer, x_kw=x_kw: layer(x_kw)}
-                steps |= {how: _forced(layer, how, x_kw) for how in eligible_applications(layer)}
+                steps |= {how: _forced(layer, how, x_kw) for how in layer.applications()}
                 if name in inputs["plain"]:
                     steps["plain"] = lambda conv=plain_convs[name], x_p=inputs["plain"][name]: conv(x_p)
                 seconds = {}

@@ -284,13 +284,24 @@ class KWConvNd(KWLayer):
       where the output is small and the warehouse is not much larger than the kernel (ResNet18's last stage).
     """
 
-    def kernel_application(self, x: torch.Tensor) -> str:
-        """Which application to use for input ``x`` (see the class docstring)."""
-        if self._manager[0].impl != "auto" or self.groups != 1:
-            return "grouped"
+    def applications(self) -> tuple[str, ...]:
+        """Every kernel application this layer can run (all mathematically equal; see the class docstring)."""
+        if self.groups != 1:
+            return ("grouped",)
         if self.groups_spatial == 1 and self.padding == (0,) * self.dim:
-            return "pointwise"
+            return ("grouped", "pointwise")
         if self.dim == 2 and self.dilation == (1, 1):
+            return ("grouped", "tapwise", "im2col", "mixed")
+        return ("grouped",)
+
+    def kernel_application(self, x: torch.Tensor) -> str:
+        """Which of :meth:`applications` to use for input ``x`` (see the class docstring)."""
+        eligible = self.applications()
+        if self._manager[0].impl != "auto" or len(eligible) == 1:
+            return "grouped"
+        if "pointwise" in eligible:
+            return "pointwise"
+        if "mixed" in eligible:
             length = math.prod(
                 (x.shape[2 + d] + 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1) - 1)
                 // self.stride[d] + 1 for d in range(2))

@@ -98,12 +98,16 @@ def test_bench_runs_every_candidate_in_one_memory_format(channels_last: bool) ->
 def test_bench_layers_times_every_kw_layer_in_each_application(capsys: pytest.CaptureFixture[str]) -> None:
     """``layers=true`` times each KW conv layer in every application it is eligible for (the one ``auto`` picks
     among them) beside the plain conv of the same name, and prints the floor that puts on the inference ratio."""
-    from kernelwarehouse.bench import eligible_applications, main
+    from kernelwarehouse.bench import main
     from kernelwarehouse.models import create_model
     from kernelwarehouse.warehouse import KWConvNd
 
-    main(["layers=true", "modes=infer", "batch=2", "size=32", "repeats=1", "warmup=1", "memory=false", "macs=false",
-          "threads=1"])
+    threads = torch.get_num_threads()
+    try:
+        main(["layers=true", "modes=infer", "batch=2", "size=32", "repeats=1", "warmup=1", "memory=false",
+              "macs=false", "threads=1"])
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in out.splitlines()
             if line.startswith("| layer")}
@@ -112,7 +116,7 @@ def test_bench_layers_times_every_kw_layer_in_each_application(capsys: pytest.Ca
     assert set(rows) == set(layers)
     paths = ["grouped", "pointwise", "tapwise", "im2col", "mixed"]
     for name, cells in rows.items():
-        eligible = eligible_applications(layers[name])
+        eligible = layers[name].applications()
         assert cells[2] in eligible and cells[-1] in eligible
         timed = {p for p, cell in zip(paths, cells[4:9]) if cell != "-"}
         assert timed == set(eligible) and all(float(c) > 0 for c in cells[3:10] if c != "-")
